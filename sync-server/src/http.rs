@@ -1,0 +1,209 @@
+//! The HTTP contract v1: snapshots (with ETag and long-poll), one service,
+//! health and readiness.
+//!
+//! [`app`] builds the router without a socket, so tests can drive it
+//! directly; every error is an [`ApiError`], answered as JSON.
+
+use crate::publish::{Published, Publisher};
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The longest a long-poll may be held, whatever `wait` asks.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub publisher: Publisher,
+    /// Ends held long-polls at once when the server shuts down.
+    pub shutdown: CancellationToken,
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/snapshot", get(snapshot))
+        .route("/v1/services/{name}", get(service))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such path") })
+        .with_state(state)
+}
+
+/// An error answered as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_ready() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no snapshot yet: the first sync from etcd has not finished",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message }).to_string();
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+/// The query of `/v1/snapshot`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SnapshotQuery {
+    pub since: Option<u64>,
+    pub wait: Duration,
+}
+
+impl SnapshotQuery {
+    pub fn parse(query: Option<&str>) -> Result<Self, String> {
+        let mut parsed = SnapshotQuery::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("`{name}` must be a whole number, got {value:?}"))
+            };
+            match name {
+                "since" => parsed.since = Some(number()?),
+                "wait" => parsed.wait = Duration::from_secs(number()?).min(MAX_WAIT),
+                other => return Err(format!("unknown query parameter `{other}`")),
+            }
+        }
+        if parsed.wait > Duration::ZERO && parsed.since.is_none() {
+            return Err("`wait` needs `since`".into());
+        }
+        Ok(parsed)
+    }
+}
+
+async fn snapshot(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = SnapshotQuery::parse(query.as_deref()).map_err(ApiError::bad_request)?;
+    let Some(since) = query.since else {
+        let current = state.publisher.current().ok_or_else(ApiError::not_ready)?;
+        let if_none_match = headers.get(header::IF_NONE_MATCH).map(HeaderValue::as_bytes);
+        if if_none_match == Some(current.etag.as_bytes()) {
+            return Ok(not_modified(Some(&current)));
+        }
+        return Ok(full(&current));
+    };
+    // Long-poll: answer as soon as something newer than `since` is held.
+    let mut changes = state.publisher.subscribe();
+    let deadline = tokio::time::Instant::now() + query.wait;
+    loop {
+        let current = changes.borrow_and_update().clone();
+        if let Some(current) = current.as_ref().filter(|c| c.revision() > since) {
+            return Ok(full(current));
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return Ok(not_modified(current.as_ref())) },
+            _ = tokio::time::sleep_until(deadline) => return Ok(not_modified(current.as_ref())),
+            _ = state.shutdown.cancelled() => return Ok(not_modified(current.as_ref())),
+        }
+    }
+}
+
+fn full(published: &Published) -> Response {
+    let mut response = Response::new(Body::from(published.body.to_vec()));
+    set_headers(&mut response, Some(published));
+    response
+}
+
+fn not_modified(published: Option<&Arc<Published>>) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    set_headers(&mut response, published.map(|p| p.as_ref()));
+    response
+}
+
+fn set_headers(response: &mut Response, published: Option<&Published>) {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Some(etag) = published.and_then(|p| HeaderValue::from_str(&p.etag).ok()) {
+        headers.insert(header::ETAG, etag);
+    }
+}
+
+async fn service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let current = state.publisher.current().ok_or_else(ApiError::not_ready)?;
+    let service = current
+        .snapshot
+        .services
+        .get(&name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no service {name:?}")))?;
+    let body = serde_json::json!({
+        "revision": current.revision(),
+        "stale": current.snapshot.stale,
+        "name": name,
+        "endpoints": service.endpoints,
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    set_headers(&mut response, Some(&current));
+    Ok(response)
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    match state.publisher.current() {
+        Some(_) => Ok("ready\n"),
+        None => Err(ApiError::not_ready()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_queries() {
+        assert_eq!(SnapshotQuery::parse(None), Ok(SnapshotQuery::default()));
+        assert_eq!(
+            SnapshotQuery::parse(Some("since=5&wait=10")),
+            Ok(SnapshotQuery {
+                since: Some(5),
+                wait: Duration::from_secs(10)
+            })
+        );
+        assert_eq!(
+            SnapshotQuery::parse(Some("since=5&wait=100000")).map(|q| q.wait),
+            Ok(MAX_WAIT)
+        );
+        for bad in ["since=-1", "since=x", "wait=5", "since=1&wait=", "foo=1", "since"] {
+            assert!(SnapshotQuery::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}

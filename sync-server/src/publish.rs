@@ -1,0 +1,80 @@
+//! The snapshot being served, and the signal long-polls wait on.
+//!
+//! The etcd loop publishes; HTTP handlers read. Each published snapshot is
+//! encoded once, so serving it is a copy of bytes, however many ask.
+
+use etcd_mesh_wire::Snapshot;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// One snapshot, ready to serve.
+#[derive(Debug)]
+pub struct Published {
+    pub snapshot: Snapshot,
+    /// The encoded JSON body.
+    pub body: Arc<[u8]>,
+    /// `"<revision>"`, the ETag.
+    pub etag: String,
+}
+
+impl Published {
+    pub fn new(snapshot: Snapshot) -> Self {
+        Published {
+            body: snapshot.encode().into(),
+            etag: format!("\"{}\"", snapshot.revision),
+            snapshot,
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.snapshot.revision
+    }
+}
+
+/// Shared between the etcd loop and the HTTP side. `None` until the first
+/// full sync: `/readyz` and `/v1/snapshot` answer 503 until then.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    tx: Arc<watch::Sender<Option<Arc<Published>>>>,
+}
+
+impl Default for Publisher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Publisher {
+    pub fn new() -> Self {
+        Publisher {
+            tx: Arc::new(watch::channel(None).0),
+        }
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.tx.send_replace(Some(Arc::new(Published::new(snapshot))));
+    }
+
+    /// Marks the held snapshot stale (etcd unreachable), keeping its content.
+    pub fn mark_stale(&self) {
+        let current = self.current();
+        if let Some(current) = current.filter(|c| !c.snapshot.stale) {
+            let mut snapshot = current.snapshot.clone();
+            snapshot.stale = true;
+            self.publish(snapshot);
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<Published>> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Published>>> {
+        self.tx.subscribe()
+    }
+
+    /// How many long-polls are waiting for a change right now.
+    pub fn waiters(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}
