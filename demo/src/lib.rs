@@ -1,0 +1,20 @@
+//! The demo side of etcd-mesh: a tonic `demo.Echo` backend that registers
+//! itself in etcd, a client that counts which backend served each call, and
+//! [`stack`], which starts etcd, sync-server and Envoy on loopback for
+//! `make run` and the end-to-end tests.
+
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod client;
+pub mod stack;
+
+/// The generated `demo` protobuf and gRPC code.
+pub mod proto {
+    tonic::include_proto!("demo");
+}
+
+/// The etcd prefix the demo registers under (etcd-naming format).
+pub const DEMO_PREFIX: &str = "etcd-mesh/";
+/// The gRPC service name of the demo.
+pub const DEMO_SERVICE: &str = "demo.Echo";

@@ -1,0 +1,415 @@
+//! Starts the real parts of the mesh on loopback: etcd, sync-server, Envoy.
+//!
+//! Used by `make run` (fixed, well-known ports) and by the end-to-end tests
+//! (free ports, one temporary directory each). Every process is killed when
+//! its handle is dropped, so a failing test leaves nothing behind; every
+//! wait is a poll with a deadline.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The root of the etcd-mesh checkout.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, or the project's own venv.
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"))
+}
+
+/// The plugin: `$ETCD_MESH_WASM`, or the release build.
+pub fn wasm_path() -> PathBuf {
+    std::env::var_os("ETCD_MESH_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root().join("target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm")
+        })
+}
+
+/// A loopback port nobody listens on right now, as the OS hands them out.
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Fails with a message naming `what` if `127.0.0.1:port` is taken.
+pub fn ensure_free(port: u16, what: &str) -> Result<(), String> {
+    TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|e| format!("127.0.0.1:{port} ({what}) is not free: {e}"))
+}
+
+/// Polls `probe` every 20 ms until it gives a value or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback: (status, body). Enough for health
+/// checks and admin pages, without pulling an HTTP client into the tests.
+pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || http_get_blocking(addr, &path))
+        .await
+        .map_err(io::Error::other)?
+}
+
+fn http_get_blocking(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not an HTTP response from {addr}")))?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A child process that is killed when dropped; its output goes to a log.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> io::Result<Proc> {
+        let out = File::create(&log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {name}: {e}")))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last lines of the log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Exited already?
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A single-member etcd with its own data directory.
+#[derive(Debug)]
+pub struct Etcd {
+    proc: Option<Proc>,
+    pub client: SocketAddr,
+    peer: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd on free ports under `dir`.
+    pub async fn start(dir: &Path) -> Result<Etcd, String> {
+        let port = |_| free_port().map_err(|e| e.to_string());
+        Self::start_on(dir, port(0)?, port(1)?).await
+    }
+
+    /// Starts etcd on the given client and peer ports under `dir`.
+    pub async fn start_on(dir: &Path, client_port: u16, peer_port: u16) -> Result<Etcd, String> {
+        let mut etcd = Etcd {
+            proc: None,
+            client: SocketAddr::from(([127, 0, 0, 1], client_port)),
+            peer: SocketAddr::from(([127, 0, 0, 1], peer_port)),
+            dir: dir.to_path_buf(),
+        };
+        etcd.launch().await?;
+        Ok(etcd)
+    }
+
+    /// `host:port` for clients.
+    pub fn endpoint(&self) -> String {
+        self.client.to_string()
+    }
+
+    /// Kills etcd (SIGKILL), keeping its data.
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts it again on the same ports and data.
+    pub async fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        self.launch().await
+    }
+
+    async fn launch(&mut self) -> Result<(), String> {
+        let client = format!("http://{}", self.client);
+        let peer = format!("http://{}", self.peer);
+        let mut command = Command::new("etcd");
+        command
+            .args(["--name", "mesh"])
+            .arg("--data-dir")
+            .arg(self.dir.join("etcd-data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("mesh={peer}")])
+            .args(["--log-level", "warn"]);
+        let log = self.dir.join("etcd.log");
+        let proc = Proc::spawn("etcd", command, log).map_err(|e| e.to_string())?;
+        self.proc = Some(proc);
+        let addr = self.client;
+        let ready = wait_for("etcd /health", Duration::from_secs(20), || async move {
+            match http_get(addr, "/health").await {
+                Ok((200, body)) if body.contains("true") => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        ready.map_err(|e| format!("{e}\n{}", self.log_tail()))
+    }
+
+    fn log_tail(&self) -> String {
+        self.proc.as_ref().map(|p| p.log_tail(20)).unwrap_or_default()
+    }
+}
+
+/// How to start Envoy.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    /// The gRPC listener; 0 picks a free port.
+    pub listen_port: u16,
+    /// The admin interface; 0 picks a free port.
+    pub admin_port: u16,
+    /// The sync-server replicas the plugin polls.
+    pub sync_servers: Vec<SocketAddr>,
+    pub concurrency: u32,
+}
+
+impl Default for EnvoyOptions {
+    fn default() -> Self {
+        EnvoyOptions {
+            listen_port: 0,
+            admin_port: 0,
+            sync_servers: vec![],
+            concurrency: 2,
+        }
+    }
+}
+
+/// Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`.
+#[derive(Debug)]
+pub struct Envoy {
+    proc: Proc,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+}
+
+/// The Envoy configuration template, with `{{...}}` placeholders.
+pub fn envoy_template_path() -> PathBuf {
+    workspace_root().join("envoy/etcd-mesh.yaml")
+}
+
+/// Fills in the template's placeholders.
+pub fn render_envoy_config(
+    template: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    sync_servers: &[SocketAddr],
+    wasm: &Path,
+) -> String {
+    let endpoints: Vec<String> = sync_servers
+        .iter()
+        .map(|a| {
+            format!(
+                "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    template
+        .replace("{{LISTEN_ADDRESS}}", &listen.ip().to_string())
+        .replace("{{LISTEN_PORT}}", &listen.port().to_string())
+        .replace("{{ADMIN_ADDRESS}}", &admin.ip().to_string())
+        .replace("{{ADMIN_PORT}}", &admin.port().to_string())
+        .replace("{{SYNC_ENDPOINTS}}", &format!("[{}]", endpoints.join(", ")))
+        .replace("{{WASM_PATH}}", &wasm.display().to_string())
+}
+
+impl Envoy {
+    pub async fn start(dir: &Path, options: EnvoyOptions) -> Result<Envoy, String> {
+        let pick = |port: u16| {
+            if port == 0 {
+                free_port().map_err(|e| e.to_string())
+            } else {
+                Ok(port)
+            }
+        };
+        let listen = SocketAddr::from(([127, 0, 0, 1], pick(options.listen_port)?));
+        let admin = SocketAddr::from(([127, 0, 0, 1], pick(options.admin_port)?));
+        let wasm = wasm_path();
+        if !wasm.exists() {
+            return Err(format!("no plugin at {}: run `make build`", wasm.display()));
+        }
+        let template = std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
+        let config = dir.join("envoy.yaml");
+        let rendered = render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
+        std::fs::write(&config, rendered).map_err(|e| e.to_string())?;
+        let mut command = Command::new(envoy_bin());
+        command
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", &options.concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "warn"]);
+        let proc = Proc::spawn("envoy", command, dir.join("envoy.log")).map_err(|e| e.to_string())?;
+        let mut envoy = Envoy {
+            proc,
+            listen,
+            admin,
+            config,
+        };
+        let ready = wait_for("Envoy /ready", Duration::from_secs(30), || async move {
+            match http_get(admin, "/ready").await {
+                Ok((200, _)) => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        if let Err(e) = ready {
+            let exited = envoy.proc.exited();
+            return Err(format!(
+                "{e} (exited: {exited})\n{}",
+                envoy.proc.log_tail(30)
+            ));
+        }
+        Ok(envoy)
+    }
+
+    /// A stat from the admin interface (`wasmcustom.etcd_mesh.*` for the
+    /// plugin's own), or `None` if Envoy has not created it yet.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let (status, body) = http_get(self.admin, &format!("/stats?filter=^{name}$"))
+            .await
+            .ok()?;
+        if status != 200 {
+            return None;
+        }
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok())
+    }
+
+    /// Waits until the plugin holds tables at `revision` or newer.
+    pub async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> Result<(), String> {
+        wait_for(
+            &format!("the plugin to hold revision {revision}"),
+            timeout,
+            || async move {
+                let held = self.stat("wasmcustom.etcd_mesh.table_revision").await?;
+                (held >= revision).then_some(())
+            },
+        )
+        .await
+        .map_err(|e| format!("{e}\n{}", self.proc.log_tail(30)))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+}

@@ -1,0 +1,180 @@
+//! The end-to-end harness: one [`Mesh`] per test, on free loopback ports
+//! and its own temporary directory, torn down when dropped (even when the
+//! test fails). etcd and Envoy are real processes; sync-server and the
+//! backends run in the test's runtime through their own libraries, so a
+//! test can stop and restart them.
+
+#![forbid(unsafe_code)]
+
+use etcd_mesh_demo::stack::{http_get, wait_for, Envoy, EnvoyOptions, Etcd};
+use etcd_mesh_demo::{backend, client, DEMO_PREFIX, DEMO_SERVICE};
+use etcd_mesh_registration::{Instance, Registration};
+use etcd_mesh_wire::Snapshot;
+use std::net::SocketAddr;
+use std::time::Duration;
+use sync_server::etcd::EtcdOptions;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How long any start-up or propagation may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// etcd + sync-server + Envoy, ready to route.
+pub struct Mesh {
+    pub envoy: Envoy,
+    pub sync_addr: SocketAddr,
+    pub etcd: Etcd,
+    sync_stop: CancellationToken,
+    _dir: TempDir,
+}
+
+impl Mesh {
+    pub async fn start(concurrency: u32) -> Mesh {
+        let dir = tempfile::tempdir().expect("temporary dir");
+        let etcd = Etcd::start(dir.path()).await.expect("etcd starts");
+        let (sync_addr, sync_stop) = start_sync_server(&etcd).await;
+        let options = EnvoyOptions {
+            sync_servers: vec![sync_addr],
+            concurrency,
+            ..EnvoyOptions::default()
+        };
+        let envoy = Envoy::start(dir.path(), options).await.expect("envoy starts");
+        Mesh {
+            envoy,
+            sync_addr,
+            etcd,
+            sync_stop,
+            _dir: dir,
+        }
+    }
+
+    /// The snapshot sync-server serves now.
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        match http_get(self.sync_addr, "/v1/snapshot").await {
+            Ok((200, body)) => Snapshot::decode(body.as_bytes()).ok(),
+            _ => None,
+        }
+    }
+
+    /// Waits until sync-server lists exactly `addrs` for the demo service
+    /// and the plugin in Envoy holds that revision.
+    pub async fn settle(&self, addrs: &[SocketAddr]) {
+        let mut want: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        want.sort();
+        let revision = wait_for("sync-server to list the backends", DEADLINE, || async {
+            let snapshot = self.snapshot().await?;
+            let listed: Vec<String> = snapshot
+                .services
+                .get(DEMO_SERVICE)
+                .map(|s| s.endpoints.iter().map(|e| e.addr.clone()).collect())
+                .unwrap_or_default();
+            (listed == want).then_some(snapshot.revision)
+        })
+        .await
+        .expect("sync-server lists the backends");
+        self.envoy
+            .wait_for_revision(revision, DEADLINE)
+            .await
+            .expect("the plugin takes the snapshot");
+    }
+
+    /// `n` clients of Envoy's gRPC listener, each on its own connection.
+    pub async fn clients(&self, n: usize) -> Vec<client::Client> {
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            clients.push(client::connect(self.envoy.listen).await.expect("connect to Envoy"));
+        }
+        clients
+    }
+
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        vec![self.etcd.endpoint()]
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.sync_stop.cancel();
+    }
+}
+
+/// Runs sync-server in this runtime, watching the demo prefix.
+pub async fn start_sync_server(etcd: &Etcd) -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let stop = CancellationToken::new();
+    let config = sync_server::Config {
+        etcd: EtcdOptions::new(vec![etcd.endpoint()]),
+        watches: vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
+    };
+    tokio::spawn(sync_server::run(config, listener, stop.clone()));
+    wait_for("sync-server /readyz", DEADLINE, || async move {
+        matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
+    })
+    .await
+    .expect("sync-server becomes ready");
+    (addr, stop)
+}
+
+/// A live `demo.Echo` backend on a free port, registered or not.
+pub struct Backend {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    registration: Option<Registration>,
+}
+
+impl Backend {
+    /// Serves, but is not registered anywhere.
+    pub async fn unregistered() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let stop = CancellationToken::new();
+        tokio::spawn(backend::serve(listener, stop.clone()));
+        Backend {
+            addr,
+            stop,
+            registration: None,
+        }
+    }
+
+    /// Serves and registers itself in etcd with `weight`.
+    pub async fn registered(etcd: Vec<String>, weight: u32) -> Backend {
+        let mut backend = Self::unregistered().await;
+        backend.register(etcd, weight).await;
+        backend
+    }
+
+    pub async fn register(&mut self, etcd: Vec<String>, weight: u32) {
+        let instance =
+            Instance::new(DEMO_PREFIX, DEMO_SERVICE, &self.addr.to_string()).with_weight(weight);
+        let registration = Registration::start(etcd, instance).expect("valid instance");
+        registration
+            .registered(DEADLINE)
+            .await
+            .expect("registers in etcd");
+        self.registration = Some(registration);
+    }
+
+    /// Deletes the registration (the server keeps serving).
+    pub async fn deregister(&mut self) {
+        if let Some(registration) = self.registration.take() {
+            registration.deregister().await;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Each backend's share of `counts`, in percent.
+pub fn shares(counts: &std::collections::BTreeMap<String, usize>) -> Vec<(String, f64)> {
+    let total: usize = counts.values().sum();
+    counts
+        .iter()
+        .map(|(addr, n)| (addr.clone(), 100.0 * *n as f64 / total.max(1) as f64))
+        .collect()
+}
