@@ -92,17 +92,24 @@ fn http_get_blocking(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> 
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| io::Error::other(format!("not an HTTP response from {addr}")))?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
     Ok((status, body))
 }
 
 fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if size == 0 || after.len() < size {
             break;
         }
@@ -242,8 +249,18 @@ impl Etcd {
             .args(["--name", "mesh"])
             .arg("--data-dir")
             .arg(self.dir.join("etcd-data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("mesh={peer}")])
             .args(["--log-level", "warn"]);
         let log = self.dir.join("etcd.log");
@@ -261,7 +278,10 @@ impl Etcd {
     }
 
     fn log_tail(&self) -> String {
-        self.proc.as_ref().map(|p| p.log_tail(20)).unwrap_or_default()
+        self.proc
+            .as_ref()
+            .map(|p| p.log_tail(20))
+            .unwrap_or_default()
     }
 }
 
@@ -354,7 +374,8 @@ impl Envoy {
             .arg(&config)
             .args(["--concurrency", &options.concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", "warn"]);
-        let proc = Proc::spawn("envoy", command, dir.join("envoy.log")).map_err(|e| e.to_string())?;
+        let proc =
+            Proc::spawn("envoy", command, dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let mut envoy = Envoy {
             proc,
             listen,
@@ -387,8 +408,13 @@ impl Envoy {
         if status != 200 {
             return None;
         }
-        body.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok())
+        body.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// Waits until the plugin holds tables at `revision` or newer.

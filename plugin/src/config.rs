@@ -104,9 +104,18 @@ mod tests {
     fn errors_name_the_field() {
         for (config, field) in [
             (&br#"{"role":"poller"}"#[..], "cluster"),
-            (br#"{"role":"poller","cluster":"s","wait_secs":3}"#, "wait_secs"),
-            (br#"{"role":"poller","cluster":"s","wait_seconds":0}"#, "wait_seconds"),
-            (br#"{"role":"poller","cluster":"s","wait_seconds":"x"}"#, "invalid type"),
+            (
+                br#"{"role":"poller","cluster":"s","wait_secs":3}"#,
+                "wait_secs",
+            ),
+            (
+                br#"{"role":"poller","cluster":"s","wait_seconds":0}"#,
+                "wait_seconds",
+            ),
+            (
+                br#"{"role":"poller","cluster":"s","wait_seconds":"x"}"#,
+                "invalid type",
+            ),
             (br#"{"role":"poller","cluster":""}"#, "cluster"),
             (br#"{"role":"pollster"}"#, "pollster"),
             (br#"{"cluster":"s"}"#, "role"),

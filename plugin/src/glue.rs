@@ -333,7 +333,10 @@ impl HttpContext for RouteCall {
                     LogLevel::Error,
                     &format!("etcd-mesh: cannot set the upstream address: {status:?}"),
                 );
-                reply(GrpcStatusCode::Unavailable, "etcd-mesh: cannot set the upstream")
+                reply(
+                    GrpcStatusCode::Unavailable,
+                    "etcd-mesh: cannot set the upstream",
+                )
             }
         }
     }

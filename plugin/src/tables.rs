@@ -46,7 +46,10 @@ impl WorkerTables {
         }
         let mut services = HashMap::with_capacity(snapshot.services.len());
         for (name, service) in &snapshot.services {
-            let endpoints = service.endpoints.iter().map(|e| (e.addr.as_str(), e.weight));
+            let endpoints = service
+                .endpoints
+                .iter()
+                .map(|e| (e.addr.as_str(), e.weight));
             let picker = match self.services.remove(name) {
                 Some(mut picker) => {
                     picker.update(endpoints);

@@ -135,7 +135,11 @@ mod tests {
                     *counts.entry(addr.as_str()).or_default() += 1;
                 }
                 for (addr, weight) in weights {
-                    assert_eq!(counts.get(addr).copied().unwrap_or(0), weight, "seed {seed}");
+                    assert_eq!(
+                        counts.get(addr).copied().unwrap_or(0),
+                        weight,
+                        "seed {seed}"
+                    );
                 }
             }
         }
@@ -169,6 +173,9 @@ mod tests {
         picker.update([("a", 1), ("c", 3), ("d", 2)]);
         let after = picks(&mut picker, 600);
         let count = |x: &str| after.iter().filter(|a| a.as_str() == x).count();
-        assert_eq!((count("a"), count("c"), count("d"), count("b")), (100, 300, 200, 0));
+        assert_eq!(
+            (count("a"), count("c"), count("d"), count("b")),
+            (100, 300, 200, 0)
+        );
     }
 }

@@ -138,7 +138,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Registration {
     /// Starts keeping `instance` registered in the etcd at `endpoints`.
-    pub fn start(endpoints: Vec<String>, instance: Instance) -> Result<Registration, InstanceError> {
+    pub fn start(
+        endpoints: Vec<String>,
+        instance: Instance,
+    ) -> Result<Registration, InstanceError> {
         instance.validate()?;
         let (state_tx, state) = watch::channel(State::Retrying {
             reason: "starting".into(),
@@ -182,7 +185,13 @@ impl Registration {
 async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
     let urls: Vec<String> = endpoints
         .iter()
-        .map(|e| if e.contains("://") { e.clone() } else { format!("http://{e}") })
+        .map(|e| {
+            if e.contains("://") {
+                e.clone()
+            } else {
+                format!("http://{e}")
+            }
+        })
         .collect();
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -310,7 +319,9 @@ mod tests {
         let good = Instance::new("p/", "s", "127.0.0.1:1");
         assert!(good.validate().is_ok());
         assert!(Instance::new("p/", "", "127.0.0.1:1").validate().is_err());
-        assert!(Instance::new("p/", "a/b", "127.0.0.1:1").validate().is_err());
+        assert!(Instance::new("p/", "a/b", "127.0.0.1:1")
+            .validate()
+            .is_err());
         assert!(Instance::new("p/", "s", "host:1").validate().is_err());
         assert!(good.clone().with_weight(10_001).validate().is_err());
         assert!(good.with_ttl(Duration::from_secs(1)).validate().is_err());

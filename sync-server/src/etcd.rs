@@ -134,7 +134,9 @@ async fn sync_round(
     registry.reset(u64::try_from(revision).unwrap_or(0));
     for (spec, response) in listed.iter().enumerate() {
         for kv in response.kvs() {
-            if let Change::Rejected(reason) = registry.put(spec, kv.key(), kv.value(), kv.mod_revision()) {
+            if let Change::Rejected(reason) =
+                registry.put(spec, kv.key(), kv.value(), kv.mod_revision())
+            {
                 warn!(key = %String::from_utf8_lossy(kv.key()), %reason, "registration rejected");
             }
         }

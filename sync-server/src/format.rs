@@ -127,7 +127,10 @@ fn parse_naming_value(value: &[u8]) -> Result<Endpoint, String> {
     let value: NamingValue =
         serde_json::from_slice(value).map_err(|e| format!("value is not etcd-naming JSON: {e}"))?;
     if value.op != 0 {
-        return Err(format!("value has Op {} (only 0, add, registers)", value.op));
+        return Err(format!(
+            "value has Op {} (only 0, add, registers)",
+            value.op
+        ));
     }
     parse_addr(&value.addr)?;
     let mut metadata = match value.metadata {
@@ -210,28 +213,103 @@ mod tests {
 
     #[test]
     fn parses_openim_v2() {
-        let r = parse(&openim(), b"openim:///User/10.0.0.2:10110", b"10.0.0.2:10110").expect("valid");
+        let r = parse(
+            &openim(),
+            b"openim:///User/10.0.0.2:10110",
+            b"10.0.0.2:10110",
+        )
+        .expect("valid");
         assert_eq!((r.service.as_str(), r.endpoint.weight), ("User", 1));
     }
 
     #[test]
     fn rejects_with_a_reason() {
         let cases: &[(&WatchSpec, &[u8], &[u8], &str)] = &[
-            (&naming(), b"services/s/x", b"not json", "not etcd-naming JSON"),
-            (&naming(), b"services/s/x", br#"{"Addr":"host:80"}"#, "not ip:port"),
-            (&naming(), b"services/s/x", br#"{"Addr":"1.2.3.4:0"}"#, "port 0"),
-            (&naming(), b"services/s/x", br#"{"Op":1,"Addr":"1.2.3.4:5"}"#, "Op 1"),
-            (&naming(), b"services/s/x", br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":10001}}"#, "weight"),
-            (&naming(), b"services/s/x", br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":-1}}"#, "weight"),
-            (&naming(), b"services/s/x", br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":1.5}}"#, "weight"),
-            (&naming(), b"services/s/x", br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":"heavy"}}"#, "weight"),
-            (&naming(), b"services/s/x", br#"{"Addr":"1.2.3.4:5","Metadata":"w=1"}"#, "not an object"),
+            (
+                &naming(),
+                b"services/s/x",
+                b"not json",
+                "not etcd-naming JSON",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Addr":"host:80"}"#,
+                "not ip:port",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Addr":"1.2.3.4:0"}"#,
+                "port 0",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Op":1,"Addr":"1.2.3.4:5"}"#,
+                "Op 1",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":10001}}"#,
+                "weight",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":-1}}"#,
+                "weight",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":1.5}}"#,
+                "weight",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Addr":"1.2.3.4:5","Metadata":{"weight":"heavy"}}"#,
+                "weight",
+            ),
+            (
+                &naming(),
+                b"services/s/x",
+                br#"{"Addr":"1.2.3.4:5","Metadata":"w=1"}"#,
+                "not an object",
+            ),
             (&naming(), b"services/s/x", br#"{"Metadata":{}}"#, "Addr"),
-            (&naming(), b"services/noslash", br#"{"Addr":"1.2.3.4:5"}"#, "no /<instance>"),
-            (&naming(), b"services//x", br#"{"Addr":"1.2.3.4:5"}"#, "empty service"),
-            (&naming(), b"services/\xff/x", br#"{"Addr":"1.2.3.4:5"}"#, "UTF-8"),
-            (&naming(), b"other/s/x", br#"{"Addr":"1.2.3.4:5"}"#, "not under prefix"),
-            (&openim(), b"openim:///User/x", b"localhost:80", "not ip:port"),
+            (
+                &naming(),
+                b"services/noslash",
+                br#"{"Addr":"1.2.3.4:5"}"#,
+                "no /<instance>",
+            ),
+            (
+                &naming(),
+                b"services//x",
+                br#"{"Addr":"1.2.3.4:5"}"#,
+                "empty service",
+            ),
+            (
+                &naming(),
+                b"services/\xff/x",
+                br#"{"Addr":"1.2.3.4:5"}"#,
+                "UTF-8",
+            ),
+            (
+                &naming(),
+                b"other/s/x",
+                br#"{"Addr":"1.2.3.4:5"}"#,
+                "not under prefix",
+            ),
+            (
+                &openim(),
+                b"openim:///User/x",
+                b"localhost:80",
+                "not ip:port",
+            ),
             (&openim(), b"openim:///User/x", b"\xff", "UTF-8"),
         ];
         for (spec, key, value, reason) in cases {

@@ -112,7 +112,9 @@ async fn snapshot(
     let query = SnapshotQuery::parse(query.as_deref()).map_err(ApiError::bad_request)?;
     let Some(since) = query.since else {
         let current = state.publisher.current().ok_or_else(ApiError::not_ready)?;
-        let if_none_match = headers.get(header::IF_NONE_MATCH).map(HeaderValue::as_bytes);
+        let if_none_match = headers
+            .get(header::IF_NONE_MATCH)
+            .map(HeaderValue::as_bytes);
         if if_none_match == Some(current.etag.as_bytes()) {
             return Ok(not_modified(Some(&current)));
         }
@@ -149,7 +151,10 @@ fn not_modified(published: Option<&Arc<Published>>) -> Response {
 
 fn set_headers(response: &mut Response, published: Option<&Published>) {
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Some(etag) = published.and_then(|p| HeaderValue::from_str(&p.etag).ok()) {
         headers.insert(header::ETAG, etag);
@@ -202,7 +207,14 @@ mod tests {
             SnapshotQuery::parse(Some("since=5&wait=100000")).map(|q| q.wait),
             Ok(MAX_WAIT)
         );
-        for bad in ["since=-1", "since=x", "wait=5", "since=1&wait=", "foo=1", "since"] {
+        for bad in [
+            "since=-1",
+            "since=x",
+            "wait=5",
+            "since=1&wait=",
+            "foo=1",
+            "since",
+        ] {
             assert!(SnapshotQuery::parse(Some(bad)).is_err(), "{bad}");
         }
     }

@@ -52,7 +52,8 @@ impl Publisher {
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
-        self.tx.send_replace(Some(Arc::new(Published::new(snapshot))));
+        self.tx
+            .send_replace(Some(Arc::new(Published::new(snapshot))));
     }
 
     /// Marks the held snapshot stale (etcd unreachable), keeping its content.

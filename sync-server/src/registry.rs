@@ -233,7 +233,11 @@ mod tests {
             assert_eq!(s.services["s"].endpoints[0].weight, 9);
             assert_eq!(s.rejected.len(), 1);
             assert_eq!(s.rejected[0].key, "svc/s/old");
-            assert!(s.rejected[0].reason.contains("svc/s/new"), "{}", s.rejected[0].reason);
+            assert!(
+                s.rejected[0].reason.contains("svc/s/new"),
+                "{}",
+                s.rejected[0].reason
+            );
         }
     }
 

@@ -23,7 +23,9 @@ async fn weighted_backends(mesh: &Mesh) -> Vec<Backend> {
 async fn one_worker_splits_600_calls_exactly_by_weight() {
     let mesh = Mesh::start(1).await;
     let backends = weighted_backends(&mesh).await;
-    let counts = split(&mesh.clients(4).await, 600).await.expect("every call succeeds");
+    let counts = split(&mesh.clients(4).await, 600)
+        .await
+        .expect("every call succeeds");
     let expected: BTreeMap<String, usize> = backends
         .iter()
         .zip([100, 200, 300])
@@ -37,11 +39,16 @@ async fn two_workers_split_within_two_percent() {
     let mesh = Mesh::start(2).await;
     let backends = weighted_backends(&mesh).await;
     // Several connections, so that both workers take calls.
-    let counts = split(&mesh.clients(8).await, 600).await.expect("every call succeeds");
+    let counts = split(&mesh.clients(8).await, 600)
+        .await
+        .expect("every call succeeds");
     assert_eq!(counts.values().sum::<usize>(), 600);
     let shares: BTreeMap<String, f64> = shares(&counts).into_iter().collect();
     for (backend, weight) in backends.iter().zip([1.0, 2.0, 3.0]) {
-        let share = shares.get(&backend.addr.to_string()).copied().unwrap_or(0.0);
+        let share = shares
+            .get(&backend.addr.to_string())
+            .copied()
+            .unwrap_or(0.0);
         let ideal = 100.0 * weight / 6.0;
         assert!(
             (share - ideal).abs() <= 2.0,
@@ -77,8 +84,13 @@ async fn registrations_reach_traffic_within_a_second() {
     let mut clean_streak = 0;
     let mut last_hit = deregistered_at;
     while clean_streak < 10 {
-        assert!(deregistered_at.elapsed() < DEADLINE, "the removed backend still takes calls");
-        let served_by = say(&mut client, SayRequest::default()).await.expect("call succeeds");
+        assert!(
+            deregistered_at.elapsed() < DEADLINE,
+            "the removed backend still takes calls"
+        );
+        let served_by = say(&mut client, SayRequest::default())
+            .await
+            .expect("call succeeds");
         if served_by == wanted {
             clean_streak = 0;
             last_hit = Instant::now();
@@ -88,8 +100,14 @@ async fn registrations_reach_traffic_within_a_second() {
     }
     let removed_after = last_hit.duration_since(deregistered_at);
     println!("added after {added_after:?}, removed after {removed_after:?}");
-    assert!(added_after < Duration::from_secs(1), "added after {added_after:?}");
-    assert!(removed_after < Duration::from_secs(1), "removed after {removed_after:?}");
+    assert!(
+        added_after < Duration::from_secs(1),
+        "added after {added_after:?}"
+    );
+    assert!(
+        removed_after < Duration::from_secs(1),
+        "removed after {removed_after:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +153,9 @@ async fn a_service_without_registrations_is_unavailable() {
     // The registered service still routes.
     let mut client = mesh.clients(1).await.remove(0);
     assert_eq!(
-        say(&mut client, SayRequest::default()).await.expect("routes"),
+        say(&mut client, SayRequest::default())
+            .await
+            .expect("routes"),
         backend.addr.to_string()
     );
 }

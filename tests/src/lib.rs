@@ -39,7 +39,9 @@ impl Mesh {
             concurrency,
             ..EnvoyOptions::default()
         };
-        let envoy = Envoy::start(dir.path(), options).await.expect("envoy starts");
+        let envoy = Envoy::start(dir.path(), options)
+            .await
+            .expect("envoy starts");
         Mesh {
             envoy,
             sync_addr,
@@ -83,7 +85,11 @@ impl Mesh {
     pub async fn clients(&self, n: usize) -> Vec<client::Client> {
         let mut clients = Vec::with_capacity(n);
         for _ in 0..n {
-            clients.push(client::connect(self.envoy.listen).await.expect("connect to Envoy"));
+            clients.push(
+                client::connect(self.envoy.listen)
+                    .await
+                    .expect("connect to Envoy"),
+            );
         }
         clients
     }

