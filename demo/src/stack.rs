@@ -67,41 +67,79 @@ where
     }
 }
 
+/// An HTTP response, as [`http_get_with`] reads it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// A minimal HTTP/1.1 GET on loopback: (status, body). Enough for health
 /// checks and admin pages, without pulling an HTTP client into the tests.
 pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || http_get_blocking(addr, &path))
+    http_get_with(addr, path, &[])
+        .await
+        .map(|r| (r.status, r.body))
+}
+
+/// A GET with extra request headers, returning the response headers too.
+pub async fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<HttpResponse> {
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    tokio::task::spawn_blocking(move || http_exchange(addr, &request))
         .await
         .map_err(io::Error::other)?
 }
 
-fn http_get_blocking(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+fn http_exchange(addr: SocketAddr, request: &str) -> io::Result<HttpResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| io::Error::other(format!("not an HTTP response from {addr}")))?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let body = if chunked {
         dechunk(body)
     } else {
         body.to_owned()
     };
-    Ok((status, body))
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut rest: &str) -> String {
@@ -204,6 +242,16 @@ pub struct Etcd {
     pub client: SocketAddr,
     peer: SocketAddr,
     dir: PathBuf,
+    tls: Option<EtcdTlsFiles>,
+}
+
+/// PEM files for an etcd that serves clients over TLS and requires a
+/// client certificate signed by `ca`.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Etcd {
@@ -220,6 +268,21 @@ impl Etcd {
             client: SocketAddr::from(([127, 0, 0, 1], client_port)),
             peer: SocketAddr::from(([127, 0, 0, 1], peer_port)),
             dir: dir.to_path_buf(),
+            tls: None,
+        };
+        etcd.launch().await?;
+        Ok(etcd)
+    }
+
+    /// Starts etcd on free ports, serving clients over TLS only.
+    pub async fn start_tls(dir: &Path, tls: EtcdTlsFiles) -> Result<Etcd, String> {
+        let port = || free_port().map_err(|e| e.to_string());
+        let mut etcd = Etcd {
+            proc: None,
+            client: SocketAddr::from(([127, 0, 0, 1], port()?)),
+            peer: SocketAddr::from(([127, 0, 0, 1], port()?)),
+            dir: dir.to_path_buf(),
+            tls: Some(tls),
         };
         etcd.launch().await?;
         Ok(etcd)
@@ -242,7 +305,8 @@ impl Etcd {
     }
 
     async fn launch(&mut self) -> Result<(), String> {
-        let client = format!("http://{}", self.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}", self.client);
         let peer = format!("http://{}", self.peer);
         let mut command = Command::new("etcd");
         command
@@ -263,11 +327,29 @@ impl Etcd {
             ])
             .args(["--initial-cluster", &format!("mesh={peer}")])
             .args(["--log-level", "warn"]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--client-cert-auth");
+        }
         let log = self.dir.join("etcd.log");
         let proc = Proc::spawn("etcd", command, log).map_err(|e| e.to_string())?;
         self.proc = Some(proc);
         let addr = self.client;
+        let tls = self.tls.is_some();
         let ready = wait_for("etcd /health", Duration::from_secs(20), || async move {
+            if tls {
+                // Plain HTTP cannot ask a TLS etcd; an open port will do,
+                // and the client's own retries cover the rest.
+                return TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                    .ok()
+                    .map(drop);
+            }
             match http_get(addr, "/health").await {
                 Ok((200, body)) if body.contains("true") => Some(()),
                 _ => None,

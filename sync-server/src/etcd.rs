@@ -5,9 +5,14 @@
 //! closed) ends the round: the last snapshot is marked stale and served on,
 //! and the next round lists afresh after a jittered, growing pause.
 
+use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::registry::{Change, Registry};
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -20,6 +25,29 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// The deadline of each listing request.
     pub request_timeout: Duration,
+    /// TLS to etcd: `https://` endpoints, verified against this CA.
+    pub tls: Option<EtcdTls>,
+    /// etcd authentication (user, password).
+    pub user: Option<(String, String)>,
+}
+
+/// PEM material for TLS to etcd.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    /// A client certificate and key, when etcd asks for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to verify the server certificate against, if not the host.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EtcdOptions {
@@ -28,28 +56,44 @@ impl EtcdOptions {
             endpoints,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            tls: None,
+            user: None,
         }
     }
 
     fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.endpoints
             .iter()
             .map(|e| {
                 if e.contains("://") {
                     e.clone()
                 } else {
-                    format!("http://{e}")
+                    format!("{scheme}://{e}")
                 }
             })
             .collect()
     }
 
     pub async fn connect(&self) -> Result<Client, etcd_client::Error> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             // HTTP/2 pings find a dead member even when no key changes.
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                config = config.domain_name(domain.clone());
+            }
+            options = options.with_tls(config);
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
         Client::connect(self.urls(), Some(options)).await
     }
 }
@@ -62,14 +106,24 @@ pub async fn sync(
     options: EtcdOptions,
     mut registry: Registry,
     publisher: Publisher,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut retry = FIRST_RETRY;
-    loop {
+    let mut sync = SyncRound {
+        registry: &mut registry,
+        publisher: &publisher,
+        metrics: &metrics,
+    };
+    for round_number in 0u64.. {
+        if round_number > 0 {
+            metrics.sync_restarts.fetch_add(1, Ordering::Relaxed);
+        }
         let round = tokio::select! {
             _ = shutdown.cancelled() => return,
-            round = sync_round(&options, &mut registry, &publisher, &mut retry) => round,
+            round = sync.round(&options, &mut retry) => round,
         };
+        metrics.etcd_connected.store(0, Ordering::Relaxed);
         if let Err(e) = round {
             publisher.mark_stale();
             let pause = jitter(retry);
@@ -104,88 +158,105 @@ enum RoundError {
     Closed,
 }
 
-async fn sync_round(
-    options: &EtcdOptions,
-    registry: &mut Registry,
-    publisher: &Publisher,
-    retry: &mut Duration,
-) -> Result<(), RoundError> {
-    let timeout = options.request_timeout;
-    let mut client = tokio::time::timeout(timeout, options.connect())
-        .await
-        .map_err(|_| RoundError::Timeout(timeout))??;
+/// The state one sync round works on.
+struct SyncRound<'a> {
+    registry: &'a mut Registry,
+    publisher: &'a Publisher,
+    metrics: &'a Metrics,
+}
 
-    // List every prefix at the revision of the first listing.
-    let mut revision = 0i64;
-    let mut listed = Vec::new();
-    for spec in registry.specs() {
-        let mut get = GetOptions::new().with_prefix();
-        if revision > 0 {
-            get = get.with_revision(revision);
+impl SyncRound<'_> {
+    /// Reports a new rejection: a log line and the counter.
+    fn report_with(metrics: &Metrics, key: &[u8], change: Change) {
+        if let Change::Rejected(reason) = change {
+            metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
+            warn!(key = %String::from_utf8_lossy(key), %reason, "registration rejected");
         }
-        let response = tokio::time::timeout(timeout, client.get(spec.prefix.as_str(), Some(get)))
+    }
+
+    async fn round(
+        &mut self,
+        options: &EtcdOptions,
+        retry: &mut Duration,
+    ) -> Result<(), RoundError> {
+        let registry = &mut *self.registry;
+        let timeout = options.request_timeout;
+        let mut client = tokio::time::timeout(timeout, options.connect())
             .await
             .map_err(|_| RoundError::Timeout(timeout))??;
-        if revision == 0 {
-            revision = response.header().map(|h| h.revision()).unwrap_or(0);
-        }
-        listed.push(response);
-    }
-    registry.reset(u64::try_from(revision).unwrap_or(0));
-    for (spec, response) in listed.iter().enumerate() {
-        for kv in response.kvs() {
-            if let Change::Rejected(reason) =
-                registry.put(spec, kv.key(), kv.value(), kv.mod_revision())
-            {
-                warn!(key = %String::from_utf8_lossy(kv.key()), %reason, "registration rejected");
-            }
-        }
-    }
-    publisher.publish(registry.snapshot(false));
-    info!(revision, "listed registrations from etcd");
-    *retry = FIRST_RETRY;
 
-    // Watch every prefix on one stream from the next revision: nothing
-    // written after the listing is missed.
-    let mut stream = None;
-    for spec in registry.specs() {
-        let watch = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        match &mut stream {
-            None => stream = Some(client.watch(spec.prefix.as_str(), Some(watch)).await?),
-            Some(stream) => stream.watch(spec.prefix.as_str(), Some(watch)).await?,
-        }
-    }
-    let Some(mut stream) = stream else {
-        return Err(RoundError::Closed);
-    };
-    while let Some(response) = stream.message().await? {
-        if response.canceled() {
-            let reason = match response.compact_revision() {
-                0 => response.cancel_reason().to_owned(),
-                compacted => format!("history compacted at revision {compacted}"),
-            };
-            return Err(RoundError::Cancelled(reason));
-        }
-        if response.events().is_empty() {
-            continue;
-        }
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            let specs: Vec<usize> = registry.specs_for(kv.key()).collect();
-            for spec in specs {
-                let change = match event.event_type() {
-                    EventType::Put => registry.put(spec, kv.key(), kv.value(), kv.mod_revision()),
-                    EventType::Delete => registry.delete(spec, kv.key()),
-                };
-                if let Change::Rejected(reason) = change {
-                    warn!(key = %String::from_utf8_lossy(kv.key()), %reason, "registration rejected");
-                }
+        // List every prefix at the revision of the first listing.
+        let mut revision = 0i64;
+        let mut listed = Vec::new();
+        for spec in registry.specs() {
+            let mut get = GetOptions::new().with_prefix();
+            if revision > 0 {
+                get = get.with_revision(revision);
             }
-            registry.advance(u64::try_from(kv.mod_revision()).unwrap_or(0));
+            let response =
+                tokio::time::timeout(timeout, client.get(spec.prefix.as_str(), Some(get)))
+                    .await
+                    .map_err(|_| RoundError::Timeout(timeout))??;
+            if revision == 0 {
+                revision = response.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            listed.push(response);
         }
-        publisher.publish(registry.snapshot(false));
+        registry.reset(u64::try_from(revision).unwrap_or(0));
+        for (spec, response) in listed.iter().enumerate() {
+            for kv in response.kvs() {
+                let change = registry.put(spec, kv.key(), kv.value(), kv.mod_revision());
+                Self::report_with(self.metrics, kv.key(), change);
+            }
+        }
+        self.publisher.publish(registry.snapshot(false));
+        self.publisher.mark_synced();
+        info!(revision, "listed registrations from etcd");
+        *retry = FIRST_RETRY;
+
+        // Watch every prefix on one stream from the next revision: nothing
+        // written after the listing is missed.
+        let mut stream = None;
+        for spec in registry.specs() {
+            let watch = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
+            match &mut stream {
+                None => stream = Some(client.watch(spec.prefix.as_str(), Some(watch)).await?),
+                Some(stream) => stream.watch(spec.prefix.as_str(), Some(watch)).await?,
+            }
+        }
+        let Some(mut stream) = stream else {
+            return Err(RoundError::Closed);
+        };
+        self.metrics.etcd_connected.store(1, Ordering::Relaxed);
+        while let Some(response) = stream.message().await? {
+            if response.canceled() {
+                let reason = match response.compact_revision() {
+                    0 => response.cancel_reason().to_owned(),
+                    compacted => format!("history compacted at revision {compacted}"),
+                };
+                return Err(RoundError::Cancelled(reason));
+            }
+            if response.events().is_empty() {
+                continue;
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let specs: Vec<usize> = registry.specs_for(kv.key()).collect();
+                for spec in specs {
+                    let change = match event.event_type() {
+                        EventType::Put => {
+                            registry.put(spec, kv.key(), kv.value(), kv.mod_revision())
+                        }
+                        EventType::Delete => registry.delete(spec, kv.key()),
+                    };
+                    Self::report_with(self.metrics, kv.key(), change);
+                }
+                registry.advance(u64::try_from(kv.mod_revision()).unwrap_or(0));
+            }
+            self.publisher.publish(registry.snapshot(false));
+        }
+        Err(RoundError::Closed)
     }
-    Err(RoundError::Closed)
 }

@@ -4,13 +4,16 @@
 //! [`app`] builds the router without a socket, so tests can drive it
 //! directly; every error is an [`ApiError`], answered as JSON.
 
+use crate::metrics::Metrics;
 use crate::publish::{Published, Publisher};
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -21,18 +24,72 @@ pub const MAX_WAIT: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub publisher: Publisher,
+    pub metrics: Arc<Metrics>,
+    /// When set, `/v1/*` and `/metrics` need `Authorization: Bearer <token>`.
+    pub token: Option<Arc<str>>,
     /// Ends held long-polls at once when the server shuts down.
     pub shutdown: CancellationToken,
 }
 
+impl AppState {
+    pub fn new(publisher: Publisher, shutdown: CancellationToken) -> Self {
+        AppState {
+            publisher,
+            metrics: Metrics::new(),
+            token: None,
+            shutdown,
+        }
+    }
+}
+
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/services/{name}", get(service))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // Probes stay open: an orchestrator has no token.
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(guarded)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such path") })
         .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.token {
+        let offered = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !offered.is_some_and(|offered| constant_time_eq(offered, token.as_bytes())) {
+            state
+                .metrics
+                .unauthorized_total
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token",
+            ));
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// Compares without stopping at the first difference, so response times
+/// do not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.metrics.render(&state.publisher);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 /// An error answered as `{"error": "..."}`.
@@ -121,6 +178,7 @@ async fn snapshot(
         return Ok(full(&current));
     };
     // Long-poll: answer as soon as something newer than `since` is held.
+    let _waiting = state.metrics.waiter();
     let mut changes = state.publisher.subscribe();
     let deadline = tokio::time::Instant::now() + query.wait;
     loop {
@@ -182,16 +240,27 @@ async fn service(
     Ok(response)
 }
 
+/// Ready once etcd has been listed in full; stays ready while etcd is away
+/// (the last snapshot is served, marked stale).
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    match state.publisher.current() {
-        Some(_) => Ok("ready\n"),
-        None => Err(ApiError::not_ready()),
+    if state.publisher.synced() {
+        Ok("ready\n")
+    } else {
+        Err(ApiError::not_ready())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compares_tokens() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
 
     #[test]
     fn parses_queries() {

@@ -13,14 +13,19 @@
 pub mod etcd;
 pub mod format;
 pub mod http;
+pub mod metrics;
 pub mod publish;
 pub mod registry;
+pub mod snapshot_file;
 
 use crate::etcd::EtcdOptions;
 use crate::format::WatchSpec;
 use crate::http::{app, AppState};
 use crate::publish::Publisher;
 use crate::registry::Registry;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -29,30 +34,66 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     pub etcd: EtcdOptions,
     pub watches: Vec<WatchSpec>,
+    /// Where the last good snapshot is kept across restarts.
+    pub snapshot_file: Option<PathBuf>,
+    /// The bearer token `/v1/*` and `/metrics` require, if any.
+    pub token: Option<String>,
 }
 
+impl Config {
+    pub fn new(etcd: EtcdOptions, watches: Vec<WatchSpec>) -> Self {
+        Config {
+            etcd,
+            watches,
+            snapshot_file: None,
+            token: None,
+        }
+    }
+}
+
+/// How long in-flight requests get to finish after shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves on `listener` until `shutdown` is cancelled, then ends held
-/// long-polls and returns once in-flight requests have finished.
+/// long-polls and returns once in-flight requests have finished (or after
+/// a short grace period, so a stuck client cannot hold the process).
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let publisher = Publisher::new();
+    if let Some(snapshot) = config
+        .snapshot_file
+        .as_deref()
+        .and_then(snapshot_file::load)
+    {
+        publisher.publish(snapshot);
+    }
+    let mut state = AppState::new(publisher.clone(), shutdown.clone());
+    state.token = config.token.map(Arc::from);
     let sync = tokio::spawn(etcd::sync(
         config.etcd,
         Registry::new(config.watches),
         publisher.clone(),
+        Arc::clone(&state.metrics),
         shutdown.clone(),
     ));
-    let state = AppState {
-        publisher,
-        shutdown: shutdown.clone(),
+    let persist = config
+        .snapshot_file
+        .map(|path| tokio::spawn(snapshot_file::persist(publisher, path, shutdown.clone())));
+    let serve = std::future::IntoFuture::into_future(
+        axum::serve(listener, app(state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned()),
+    );
+    let served = tokio::select! {
+        served = serve => served,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
     };
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
     shutdown.cancel();
     let _ = sync.await;
+    if let Some(persist) = persist {
+        let _ = persist.await;
+    }
     served
 }

@@ -1,14 +1,19 @@
 //! The sync-server binary: command line and signals; the rest is the library.
 
+use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
-use sync_server::etcd::EtcdOptions;
+use std::path::{Path, PathBuf};
+use sync_server::etcd::{EtcdOptions, EtcdTls};
 use sync_server::format::WatchSpec;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Watches service registrations in etcd and serves them to Envoy as
 /// versioned endpoint snapshots (GET /v1/snapshot, with long-poll).
+///
+/// Every option can also be given by the environment variable shown.
+/// Logs go to stderr; RUST_LOG sets the level (default info).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -16,14 +21,101 @@ struct Cli {
     #[arg(long, env = "SYNC_SERVER_ETCD", value_delimiter = ',', required = true)]
     etcd: Vec<String>,
 
-    /// Where to serve HTTP.
+    /// A prefix to watch and its format, as <format>=<prefix>; formats:
+    /// etcd-naming, openim-v2. Repeat for several prefixes (in the
+    /// environment variable, separate them with spaces).
+    #[arg(
+        long = "watch",
+        env = "SYNC_SERVER_WATCH",
+        value_delimiter = ' ',
+        required = true
+    )]
+    watches: Vec<WatchSpec>,
+
+    /// Where to serve HTTP. Loopback unless told otherwise.
     #[arg(long, env = "SYNC_SERVER_LISTEN", default_value = "127.0.0.1:8090")]
     listen: SocketAddr,
 
-    /// A prefix to watch and its format, as <format>=<prefix>; formats:
-    /// etcd-naming, openim-v2. Repeat for several prefixes.
-    #[arg(long = "watch", env = "SYNC_SERVER_WATCH", required = true)]
-    watches: Vec<WatchSpec>,
+    /// Keep the last good snapshot in this file, and serve it (as stale)
+    /// after a restart until etcd answers.
+    #[arg(long, env = "SYNC_SERVER_SNAPSHOT_FILE")]
+    snapshot_file: Option<PathBuf>,
+
+    /// Require `Authorization: Bearer <token>` on /v1/* and /metrics, the
+    /// token being this file's content (trimmed).
+    #[arg(long, env = "SYNC_SERVER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify etcd with; turns on TLS to etcd.
+    #[arg(long, env = "SYNC_SERVER_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd; needs --etcd-key.
+    #[arg(
+        long,
+        env = "SYNC_SERVER_ETCD_CERT",
+        requires = "etcd_key",
+        requires = "etcd_ca"
+    )]
+    etcd_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for etcd; needs --etcd-cert.
+    #[arg(long, env = "SYNC_SERVER_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+
+    /// The name etcd's certificate is checked against, if not the host.
+    #[arg(long, env = "SYNC_SERVER_ETCD_DOMAIN", requires = "etcd_ca")]
+    etcd_domain: Option<String>,
+
+    /// etcd user (with --etcd-password-file).
+    #[arg(long, env = "SYNC_SERVER_ETCD_USER", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+
+    /// File holding the etcd user's password.
+    #[arg(long, env = "SYNC_SERVER_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+fn read_secret(path: &Path, what: &str) -> anyhow::Result<String> {
+    let text = String::from_utf8(read(path, what)?)
+        .with_context(|| format!("the {what} {} is not UTF-8", path.display()))?;
+    let secret = text.trim().to_owned();
+    anyhow::ensure!(!secret.is_empty(), "the {what} {} is empty", path.display());
+    Ok(secret)
+}
+
+impl Cli {
+    fn config(self) -> anyhow::Result<sync_server::Config> {
+        let mut etcd = EtcdOptions::new(self.etcd);
+        if let Some(ca) = &self.etcd_ca {
+            let identity = match (&self.etcd_cert, &self.etcd_key) {
+                (Some(cert), Some(key)) => Some((
+                    read(cert, "etcd client certificate")?,
+                    read(key, "etcd client key")?,
+                )),
+                _ => None,
+            };
+            etcd.tls = Some(EtcdTls {
+                ca_pem: read(ca, "etcd CA certificate")?,
+                identity,
+                domain: self.etcd_domain.clone(),
+            });
+        }
+        if let (Some(user), Some(password)) = (&self.etcd_user, &self.etcd_password_file) {
+            etcd.user = Some((user.clone(), read_secret(password, "etcd password file")?));
+        }
+        let mut config = sync_server::Config::new(etcd, self.watches);
+        config.snapshot_file = self.snapshot_file;
+        config.token = match &self.token_file {
+            Some(path) => Some(read_secret(path, "token file")?),
+            None => None,
+        };
+        Ok(config)
+    }
 }
 
 #[tokio::main]
@@ -34,16 +126,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let listener = tokio::net::TcpListener::bind(cli.listen)
+    let listen = cli.listen;
+    let config = cli.config()?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cli.listen))?;
-    info!(listen = %listener.local_addr()?, etcd = ?cli.etcd, "sync-server starting");
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    info!(listen = %listener.local_addr()?, etcd = ?config.etcd.endpoints, "sync-server starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let config = sync_server::Config {
-        etcd: EtcdOptions::new(cli.etcd),
-        watches: cli.watches,
-    };
     sync_server::run(config, listener, shutdown).await?;
     info!("sync-server stopped");
     Ok(())
@@ -60,5 +150,6 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+    info!("shutting down");
     shutdown.cancel();
 }

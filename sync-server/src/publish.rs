@@ -4,6 +4,7 @@
 //! encoded once, so serving it is a copy of bytes, however many ask.
 
 use etcd_mesh_wire::Snapshot;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -32,10 +33,13 @@ impl Published {
 }
 
 /// Shared between the etcd loop and the HTTP side. `None` until the first
-/// full sync: `/readyz` and `/v1/snapshot` answer 503 until then.
+/// full sync or a loaded snapshot file: `/v1/snapshot` answers 503 until then.
 #[derive(Debug, Clone)]
 pub struct Publisher {
     tx: Arc<watch::Sender<Option<Arc<Published>>>>,
+    /// Set by the first full listing from etcd (a snapshot loaded from file
+    /// is served, but does not make the server ready).
+    synced: Arc<AtomicBool>,
 }
 
 impl Default for Publisher {
@@ -48,6 +52,7 @@ impl Publisher {
     pub fn new() -> Self {
         Publisher {
             tx: Arc::new(watch::channel(None).0),
+            synced: Arc::default(),
         }
     }
 
@@ -64,6 +69,15 @@ impl Publisher {
             snapshot.stale = true;
             self.publish(snapshot);
         }
+    }
+
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a full listing from etcd has been published.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
     }
 
     pub fn current(&self) -> Option<Arc<Published>> {

@@ -9,7 +9,7 @@
 
 use crate::format::{parse, Registration, WatchSpec};
 use etcd_mesh_wire::{Endpoint, Rejected, Service, Snapshot};
-use std::collections::{btree_map, BTreeMap};
+use std::collections::{btree_map, BTreeMap, HashMap};
 
 #[derive(Debug)]
 struct Entry {
@@ -33,6 +33,9 @@ pub struct Registry {
     /// read once per prefix.
     entries: BTreeMap<(usize, Vec<u8>), Entry>,
     revision: u64,
+    /// The `mod_revision` of each rejected key already reported, so that a
+    /// re-listing does not report (log, count) the same rejection again.
+    reported: HashMap<(usize, Vec<u8>), i64>,
 }
 
 impl Registry {
@@ -41,6 +44,7 @@ impl Registry {
             specs,
             entries: BTreeMap::new(),
             revision: 0,
+            reported: HashMap::new(),
         }
     }
 
@@ -78,9 +82,17 @@ impl Registry {
             return Change::Unchanged;
         };
         let parsed = parse(watch, key, value);
+        let id = (spec, key.to_vec());
         let change = match &parsed {
-            Ok(_) => Change::Accepted,
-            Err(reason) => Change::Rejected(reason.clone()),
+            Ok(_) => {
+                self.reported.remove(&id);
+                Change::Accepted
+            }
+            Err(_) if self.reported.get(&id) == Some(&mod_revision) => Change::Unchanged,
+            Err(reason) => {
+                self.reported.insert(id, mod_revision);
+                Change::Rejected(reason.clone())
+            }
         };
         self.entries.insert(
             (spec, key.to_vec()),
@@ -93,6 +105,7 @@ impl Registry {
     }
 
     pub fn delete(&mut self, spec: usize, key: &[u8]) -> Change {
+        self.reported.remove(&(spec, key.to_vec()));
         match self.entries.remove(&(spec, key.to_vec())) {
             Some(_) => Change::Removed,
             None => Change::Unchanged,
@@ -211,6 +224,13 @@ mod tests {
         assert_eq!(s.rejected.len(), 1);
         assert_eq!(s.rejected[0].key, "svc/s/x");
         assert_eq!(s.services["s"].endpoints.len(), 1);
+        // Listed again at the same revision: already reported.
+        r.reset(4);
+        assert_eq!(r.put(0, b"svc/s/x", b"{", 3), Change::Unchanged);
+        assert!(matches!(
+            r.put(0, b"svc/s/x", b"{{", 6),
+            Change::Rejected(_)
+        ));
         // Fixing the value clears the rejection.
         r.put(0, b"svc/s/x", &naming("127.0.0.1:2", 1), 5);
         assert!(r.snapshot(false).rejected.is_empty());

@@ -110,10 +110,10 @@ pub async fn start_sync_server(etcd: &Etcd) -> (SocketAddr, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let stop = CancellationToken::new();
-    let config = sync_server::Config {
-        etcd: EtcdOptions::new(vec![etcd.endpoint()]),
-        watches: vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
-    };
+    let config = sync_server::Config::new(
+        EtcdOptions::new(vec![etcd.endpoint()]),
+        vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
+    );
     tokio::spawn(sync_server::run(config, listener, stop.clone()));
     wait_for("sync-server /readyz", DEADLINE, || async move {
         matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())

@@ -1,0 +1,133 @@
+//! Counters and gauges for `/metrics`, in the Prometheus text format.
+//!
+//! Counters are atomics bumped where things happen; gauges about the
+//! snapshot are read from what is published at scrape time, so they cannot
+//! disagree with what `/v1/snapshot` serves.
+
+use crate::publish::Publisher;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Times the etcd sync started over (connect, list, watch).
+    pub sync_restarts: AtomicU64,
+    /// 1 while the watch on etcd is established.
+    pub etcd_connected: AtomicU64,
+    /// Registrations rejected (each counted once, when first seen).
+    pub rejected_total: AtomicU64,
+    /// Long-polls being held right now.
+    pub long_poll_waiters: AtomicUsize,
+    /// Requests refused for a missing or wrong bearer token.
+    pub unauthorized_total: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    /// Counts one held long-poll for as long as the guard lives.
+    pub fn waiter(self: &Arc<Self>) -> WaiterGuard {
+        self.long_poll_waiters.fetch_add(1, Ordering::Relaxed);
+        WaiterGuard(Arc::clone(self))
+    }
+
+    pub fn render(&self, publisher: &Publisher) -> String {
+        let current = publisher.current();
+        let snapshot = current.as_ref().map(|p| &p.snapshot);
+        let services = snapshot.map_or(0, |s| s.services.len());
+        let endpoints =
+            snapshot.map_or(0, |s| s.services.values().map(|s| s.endpoints.len()).sum());
+        let rejected = snapshot.map_or(0, |s| s.rejected.len());
+        let revision = snapshot.map_or(0, |s| s.revision);
+        let stale = snapshot.is_some_and(|s| s.stale);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, u64); 11] = [
+            (
+                "sync_server_ready",
+                "gauge",
+                "1 once a snapshot is held",
+                u64::from(current.is_some()),
+            ),
+            (
+                "sync_server_revision",
+                "gauge",
+                "etcd revision of the served snapshot",
+                revision,
+            ),
+            (
+                "sync_server_stale",
+                "gauge",
+                "1 while etcd is unreachable and the last snapshot is served",
+                u64::from(stale),
+            ),
+            (
+                "sync_server_services",
+                "gauge",
+                "services in the served snapshot",
+                services as u64,
+            ),
+            (
+                "sync_server_endpoints",
+                "gauge",
+                "endpoints in the served snapshot",
+                endpoints as u64,
+            ),
+            (
+                "sync_server_rejected",
+                "gauge",
+                "registrations rejected in the served snapshot",
+                rejected as u64,
+            ),
+            (
+                "sync_server_rejected_total",
+                "counter",
+                "registrations rejected since start",
+                load(&self.rejected_total),
+            ),
+            (
+                "sync_server_etcd_connected",
+                "gauge",
+                "1 while the etcd watch is established",
+                load(&self.etcd_connected),
+            ),
+            (
+                "sync_server_sync_restarts_total",
+                "counter",
+                "times the etcd sync started over (reconnect, compaction, broken watch)",
+                load(&self.sync_restarts),
+            ),
+            (
+                "sync_server_long_poll_waiters",
+                "gauge",
+                "long-polls being held",
+                self.long_poll_waiters.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "sync_server_unauthorized_total",
+                "counter",
+                "requests refused for a missing or wrong bearer token",
+                load(&self.unauthorized_total),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+pub struct WaiterGuard(Arc<Metrics>);
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        self.0.long_poll_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}

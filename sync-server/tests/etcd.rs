@@ -1,0 +1,766 @@
+//! sync-server against a real etcd: a correct view through races,
+//! compactions and outages, and the whole v1 HTTP contract.
+
+use etcd_client::{Client, CompactionOptions};
+use etcd_mesh_demo::stack::{
+    free_port, http_get, http_get_with, wait_for, Etcd, EtcdTlsFiles, Proc,
+};
+use etcd_mesh_wire::Snapshot;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use sync_server::etcd::EtcdOptions;
+use sync_server::Config;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// sync-server running in this test's runtime.
+struct Server {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    async fn start(config: Config) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(sync_server::run(config, listener, stop.clone()));
+        Server {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    async fn ready(&self) {
+        let addr = self.addr;
+        wait_for("/readyz", DEADLINE, || async move {
+            matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
+        })
+        .await
+        .expect("sync-server becomes ready");
+    }
+
+    async fn snapshot(&self) -> Snapshot {
+        let (status, body) = http_get(self.addr, "/v1/snapshot").await.expect("GET");
+        assert_eq!(status, 200, "{body}");
+        Snapshot::decode(body.as_bytes()).expect("valid snapshot")
+    }
+
+    /// Waits until the snapshot satisfies `test`.
+    async fn until(&self, what: &str, test: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        wait_for(what, DEADLINE, || async {
+            let (status, body) = http_get(self.addr, "/v1/snapshot").await.ok()?;
+            let snapshot = Snapshot::decode(body.as_bytes())
+                .ok()
+                .filter(|_| status == 200)?;
+            test(&snapshot).then_some(snapshot)
+        })
+        .await
+        .expect(what)
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let (_, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.cancel();
+        let task = self.task.take().expect("running");
+        let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ok(())))),
+            "run() ends cleanly: {ended:?}"
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn config(etcd: &Etcd, watches: &[&str]) -> Config {
+    Config::new(
+        EtcdOptions::new(vec![etcd.endpoint()]),
+        watches.iter().map(|w| w.parse().expect("spec")).collect(),
+    )
+}
+
+async fn client(etcd: &Etcd) -> Client {
+    Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("connect etcd")
+}
+
+fn naming(addr: &str, weight: u32) -> String {
+    format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#)
+}
+
+fn addrs(snapshot: &Snapshot, service: &str) -> BTreeSet<String> {
+    snapshot
+        .services
+        .get(service)
+        .map(|s| s.endpoints.iter().map(|e| e.addr.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_the_first_listing_lose_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    // Four writers put 100 keys each and delete every third one, while
+    // sync-server starts, lists and begins to watch.
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4u16 {
+        let mut etcd_client = client(&etcd).await;
+        writers.spawn(async move {
+            for i in 0..100u16 {
+                let addr = format!("127.0.0.1:{}", 10_000 + w * 100 + i);
+                let key = format!("svc/race/{addr}");
+                etcd_client
+                    .put(key.as_str(), naming(&addr, 1), None)
+                    .await
+                    .expect("put");
+                if i % 3 == 0 {
+                    etcd_client
+                        .delete(key.as_str(), None)
+                        .await
+                        .expect("delete");
+                }
+            }
+        });
+    }
+    let server = Server::start(config(&etcd, &["etcd-naming=svc/"])).await;
+    while let Some(joined) = writers.join_next().await {
+        joined.expect("writer");
+    }
+    let expected: BTreeSet<String> = (0..4u16)
+        .flat_map(|w| {
+            (0..100u16)
+                .filter(|i| i % 3 != 0)
+                .map(move |i| format!("127.0.0.1:{}", 10_000 + w * 100 + i))
+        })
+        .collect();
+    let last_revision = client(&etcd)
+        .await
+        .get("x", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision();
+    let snapshot = server
+        .until("the snapshot to reach etcd's revision", |s| {
+            s.revision >= last_revision as u64
+        })
+        .await;
+    assert_eq!(addrs(&snapshot, "race"), expected);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_during_the_watch_and_while_away_loses_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let mut c = client(&etcd).await;
+    for i in 1..=5 {
+        let addr = format!("127.0.0.1:{}", 20_000 + i);
+        c.put(format!("svc/s/{addr}"), naming(&addr, 1), None)
+            .await
+            .expect("put");
+    }
+    let server = Server::start(config(&etcd, &["etcd-naming=svc/", "openim-v2=openim:///"])).await;
+    server.ready().await;
+
+    // Compact everything while the watch runs; changes keep flowing.
+    let revision = c
+        .put("svc/s/127.0.0.1:20006", naming("127.0.0.1:20006", 1), None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    c.compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .expect("compact");
+    c.delete("svc/s/127.0.0.1:20001", None)
+        .await
+        .expect("delete");
+    c.put("openim:///User/127.0.0.1:20100", "127.0.0.1:20100", None)
+        .await
+        .expect("put");
+    server
+        .until("changes after the compaction", |s| {
+            addrs(s, "s").len() == 5
+                && !addrs(s, "s").contains("127.0.0.1:20001")
+                && addrs(s, "User").len() == 1
+        })
+        .await;
+
+    // Away: etcd restarts, takes writes and compacts before sync-server is
+    // back. A resolver that resumed its old watch would stop here.
+    etcd.restart().await.expect("etcd restarts");
+    let mut c = client(&etcd).await;
+    c.delete("svc/s/127.0.0.1:20002", None)
+        .await
+        .expect("delete");
+    let revision = c
+        .put("svc/s/127.0.0.1:20007", naming("127.0.0.1:20007", 2), None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    c.compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .expect("compact");
+    let snapshot = server
+        .until("the view after restart and compaction", |s| {
+            s.revision >= revision as u64 && !s.stale
+        })
+        .await;
+    let expected: BTreeSet<String> = [3, 4, 5, 6, 7]
+        .iter()
+        .map(|i| format!("127.0.0.1:{}", 20_000 + i))
+        .collect();
+    assert_eq!(
+        addrs(&snapshot, "s"),
+        expected,
+        "no lost and no phantom endpoints"
+    );
+    assert!(server.metric("sync_server_sync_restarts_total").await >= 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_away_serves_the_last_snapshot_as_stale() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    client(&etcd)
+        .await
+        .put("svc/s/a", naming("127.0.0.1:30001", 4), None)
+        .await
+        .expect("put");
+    let server = Server::start(config(&etcd, &["etcd-naming=svc/"])).await;
+    server.ready().await;
+    server
+        .until("etcd connected", |s| !s.stale && addrs(s, "s").len() == 1)
+        .await;
+    assert_eq!(server.metric("sync_server_etcd_connected").await, 1);
+
+    etcd.kill();
+    let stale = server
+        .until("the snapshot to turn stale", |s| s.stale)
+        .await;
+    assert_eq!(
+        addrs(&stale, "s"),
+        BTreeSet::from(["127.0.0.1:30001".to_owned()])
+    );
+    assert_eq!(
+        http_get(server.addr, "/readyz").await.expect("GET").0,
+        200,
+        "still ready"
+    );
+    assert_eq!(server.metric("sync_server_etcd_connected").await, 0);
+    assert_eq!(server.metric("sync_server_stale").await, 1);
+
+    etcd.restart().await.expect("etcd restarts");
+    client(&etcd)
+        .await
+        .put("svc/s/b", naming("127.0.0.1:30002", 1), None)
+        .await
+        .expect("put");
+    server
+        .until("fresh again with the new key", |s| {
+            !s.stale && addrs(s, "s").len() == 2
+        })
+        .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_etcd_is_down_serves_the_snapshot_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("last-snapshot.json");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    client(&etcd)
+        .await
+        .put("svc/s/a", naming("127.0.0.1:40001", 2), None)
+        .await
+        .expect("put");
+    let mut with_file = config(&etcd, &["etcd-naming=svc/"]);
+    with_file.snapshot_file = Some(file.clone());
+
+    let first = Server::start(with_file.clone()).await;
+    first.ready().await;
+    let held = first.snapshot().await;
+    wait_for("the snapshot file", DEADLINE, || async {
+        let on_disk = Snapshot::decode(&std::fs::read(&file).ok()?).ok()?;
+        (on_disk.revision == held.revision).then_some(())
+    })
+    .await
+    .expect("written");
+    first.shutdown().await;
+    etcd.kill();
+
+    let second = Server::start(with_file).await;
+    let served = second
+        .until("the file's snapshot", |s| s.revision == held.revision)
+        .await;
+    assert!(served.stale, "marked stale until etcd answers");
+    assert_eq!(served.services, held.services);
+    assert_eq!(
+        http_get(second.addr, "/readyz").await.expect("GET").0,
+        503,
+        "not synced yet"
+    );
+
+    etcd.restart().await.expect("etcd restarts");
+    second.ready().await;
+    second.until("fresh from etcd", |s| !s.stale).await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_registrations_are_rejected_listed_and_counted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let bad: &[(&str, &str)] = &[
+        ("svc/s/not-json", "not json"),
+        ("svc/s/no-addr", r#"{"Op":0,"Metadata":{}}"#),
+        ("svc/s/hostname", r#"{"Addr":"backend.local:80"}"#),
+        ("svc/s/port-zero", r#"{"Addr":"127.0.0.1:0"}"#),
+        ("svc/s/op-delete", r#"{"Op":1,"Addr":"127.0.0.1:5"}"#),
+        (
+            "svc/s/heavy",
+            r#"{"Addr":"127.0.0.1:6","Metadata":{"weight":10001}}"#,
+        ),
+        (
+            "svc/s/negative",
+            r#"{"Addr":"127.0.0.1:7","Metadata":{"weight":-1}}"#,
+        ),
+        (
+            "svc/s/fraction",
+            r#"{"Addr":"127.0.0.1:8","Metadata":{"weight":0.5}}"#,
+        ),
+        (
+            "svc/s/word",
+            r#"{"Addr":"127.0.0.1:9","Metadata":{"weight":"lots"}}"#,
+        ),
+        (
+            "svc/s/meta-string",
+            r#"{"Addr":"127.0.0.1:10","Metadata":"weight=1"}"#,
+        ),
+        ("svc/no-instance", r#"{"Addr":"127.0.0.1:11"}"#),
+        ("svc//empty-service", r#"{"Addr":"127.0.0.1:12"}"#),
+        ("openim:///User/bad", "not-an-address"),
+    ];
+    let mut c = client(&etcd).await;
+    for (key, value) in bad {
+        c.put(*key, *value, None).await.expect("put");
+    }
+    c.put(
+        "svc/s/draining",
+        r#"{"Addr":"127.0.0.1:13","Metadata":{"weight":0}}"#,
+        None,
+    )
+    .await
+    .expect("put");
+    c.put("svc/s/good", naming("127.0.0.1:14", 7), None)
+        .await
+        .expect("put");
+    let server = Server::start(config(&etcd, &["etcd-naming=svc/", "openim-v2=openim:///"])).await;
+    server.ready().await;
+    let snapshot = server.snapshot().await;
+    let rejected: BTreeSet<&str> = snapshot.rejected.iter().map(|r| r.key.as_str()).collect();
+    let expected: BTreeSet<&str> = bad.iter().map(|(k, _)| *k).collect();
+    assert_eq!(rejected, expected);
+    assert!(snapshot.rejected.iter().all(|r| !r.reason.is_empty()));
+    let weights: Vec<(&str, u32)> = snapshot.services["s"]
+        .endpoints
+        .iter()
+        .map(|e| (e.addr.as_str(), e.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [("127.0.0.1:13", 0), ("127.0.0.1:14", 7)],
+        "draining is kept, weights untouched"
+    );
+    assert_eq!(
+        server.metric("sync_server_rejected").await,
+        bad.len() as u64
+    );
+    assert_eq!(
+        server.metric("sync_server_rejected_total").await,
+        bad.len() as u64
+    );
+
+    // A rejected key that is fixed joins; a new bad one is counted once.
+    c.put("svc/s/not-json", naming("127.0.0.1:15", 1), None)
+        .await
+        .expect("put");
+    c.put("svc/s/new-bad", "{", None).await.expect("put");
+    server
+        .until("the fix and the new rejection", |s| {
+            addrs(s, "s").contains("127.0.0.1:15")
+                && s.rejected.iter().any(|r| r.key == "svc/s/new-bad")
+        })
+        .await;
+    assert_eq!(
+        server.metric("sync_server_rejected_total").await,
+        bad.len() as u64 + 1
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_etags_services_and_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let mut c = client(&etcd).await;
+    c.put("svc/demo.Echo/a", naming("127.0.0.1:50001", 1), None)
+        .await
+        .expect("put");
+    let server = Server::start(config(&etcd, &["etcd-naming=svc/"])).await;
+    server.ready().await;
+    let first = http_get_with(server.addr, "/v1/snapshot", &[])
+        .await
+        .expect("GET");
+    let revision = Snapshot::decode(first.body.as_bytes())
+        .expect("valid")
+        .revision;
+    let etag = first.header("etag").expect("ETag").to_owned();
+    assert_eq!(etag, format!("\"{revision}\""));
+    let cached = http_get_with(server.addr, "/v1/snapshot", &[("If-None-Match", &etag)])
+        .await
+        .expect("GET");
+    assert_eq!(cached.status, 304);
+    assert_eq!(
+        http_get_with(server.addr, "/v1/snapshot", &[("If-None-Match", "\"1\"")])
+            .await
+            .expect("GET")
+            .status,
+        200
+    );
+
+    // A held long-poll is answered by the next change.
+    let addr = server.addr;
+    let poll = tokio::spawn(async move {
+        let started = Instant::now();
+        let response = http_get(addr, &format!("/v1/snapshot?since={revision}&wait=30")).await;
+        (response, started.elapsed())
+    });
+    wait_for("the long-poll to be held", DEADLINE, || async {
+        (server.metric("sync_server_long_poll_waiters").await == 1).then_some(())
+    })
+    .await
+    .expect("held");
+    let put_at = Instant::now();
+    c.put("svc/demo.Echo/b", naming("127.0.0.1:50002", 1), None)
+        .await
+        .expect("put");
+    let ((status, body), _) = match poll.await.expect("poll task") {
+        (Ok(response), elapsed) => (response, elapsed),
+        (Err(e), _) => panic!("long-poll failed: {e}"),
+    };
+    let answered_after = put_at.elapsed();
+    assert_eq!(status, 200);
+    assert!(Snapshot::decode(body.as_bytes()).expect("valid").revision > revision);
+    assert!(
+        answered_after < Duration::from_secs(5),
+        "answered {answered_after:?} after the put"
+    );
+
+    // Nothing newer: 304 when `wait` runs out. Newer already: at once.
+    let (status, _) = http_get(server.addr, "/v1/snapshot?since=999999&wait=1")
+        .await
+        .expect("GET");
+    assert_eq!(status, 304);
+    assert_eq!(
+        http_get(server.addr, "/v1/snapshot?since=0&wait=30")
+            .await
+            .expect("GET")
+            .0,
+        200
+    );
+
+    let (status, body) = http_get(server.addr, "/v1/services/demo.Echo")
+        .await
+        .expect("GET");
+    assert_eq!(status, 200);
+    assert!(body.contains("127.0.0.1:50002"), "{body}");
+    assert_eq!(
+        http_get(server.addr, "/v1/services/nope")
+            .await
+            .expect("GET")
+            .0,
+        404
+    );
+    for bad in [
+        "/v1/snapshot?since=-1",
+        "/v1/snapshot?wait=3",
+        "/v1/snapshot?what=1",
+    ] {
+        let (status, body) = http_get(server.addr, bad).await.expect("GET");
+        assert_eq!(status, 400, "{bad}");
+        assert!(body.starts_with("{\"error\""), "{body}");
+    }
+    let (status, body) = http_get(server.addr, "/v2/anything").await.expect("GET");
+    assert_eq!((status, body.starts_with("{\"error\"")), (404, true));
+    assert_eq!(http_get(server.addr, "/healthz").await.expect("GET").0, 200);
+
+    // Shutdown ends a held long-poll at once.
+    let held = tokio::spawn(async move {
+        http_get(
+            addr,
+            &format!("/v1/snapshot?since={}&wait=60", revision + 100),
+        )
+        .await
+    });
+    wait_for("the second long-poll to be held", DEADLINE, || async {
+        (server.metric("sync_server_long_poll_waiters").await == 1).then_some(())
+    })
+    .await
+    .expect("held");
+    let stopping = Instant::now();
+    server.shutdown().await;
+    let answer = held.await.expect("task").expect("answered");
+    assert_eq!(answer.0, 304);
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_guards_the_api_but_not_the_probes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let mut guarded = config(&etcd, &["etcd-naming=svc/"]);
+    guarded.token = Some("s3cret".into());
+    let server = Server::start(guarded).await;
+    server.ready().await;
+    for path in ["/v1/snapshot", "/metrics", "/v1/services/x"] {
+        for headers in [
+            &[][..],
+            &[("Authorization", "Bearer wrong")],
+            &[("Authorization", "s3cret")],
+        ] {
+            let response = http_get_with(server.addr, path, headers)
+                .await
+                .expect("GET");
+            assert_eq!(response.status, 401, "{path} {headers:?}");
+        }
+    }
+    let ok = http_get_with(
+        server.addr,
+        "/v1/snapshot",
+        &[("Authorization", "Bearer s3cret")],
+    )
+    .await
+    .expect("GET");
+    assert_eq!(ok.status, 200);
+    assert_eq!(http_get(server.addr, "/healthz").await.expect("GET").0, 200);
+    server.shutdown().await;
+}
+
+/// A CA, and server and client certificates for 127.0.0.1 signed by it.
+fn make_certificates(dir: &Path) -> EtcdTlsFiles {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            status.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("san.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("write");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=etcd-mesh test CA",
+    ]);
+    for name in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            "san.cnf",
+        ]);
+    }
+    EtcdTlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    }
+}
+
+fn spawn_binary(dir: &Path, args: &[&str]) -> (SocketAddr, Proc) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port().expect("port")));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sync-server"));
+    command
+        .args(["--listen", &addr.to_string(), "--watch", "etcd-naming=svc/"])
+        .args(args);
+    let log = dir.join(format!("sync-{}.log", addr.port()));
+    (
+        addr,
+        Proc::spawn("sync-server", command, log).expect("spawn"),
+    )
+}
+
+async fn binary_ready(addr: SocketAddr, proc: &Proc) {
+    let ready = wait_for("/readyz", DEADLINE, || async move {
+        matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
+    })
+    .await;
+    assert!(ready.is_ok(), "{ready:?}\n{}", proc.log_tail(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = make_certificates(dir.path());
+    let etcd = Etcd::start_tls(dir.path(), tls.clone())
+        .await
+        .expect("etcd with TLS");
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let (addr, server) = spawn_binary(
+        dir.path(),
+        &[
+            "--etcd",
+            &etcd.endpoint(),
+            "--etcd-ca",
+            &p("ca.pem"),
+            "--etcd-cert",
+            &p("client.pem"),
+            "--etcd-key",
+            &p("client.key"),
+        ],
+    );
+    binary_ready(addr, &server).await;
+    // Without the client certificate etcd refuses, and sync-server says so.
+    let (plain_addr, plain) = spawn_binary(
+        dir.path(),
+        &["--etcd", &etcd.endpoint(), "--etcd-ca", &p("ca.pem")],
+    );
+    wait_for("the refusal to be logged", DEADLINE, || async {
+        plain
+            .log_tail(20)
+            .contains("etcd sync interrupted")
+            .then_some(())
+    })
+    .await
+    .expect("logged");
+    assert_eq!(http_get(plain_addr, "/readyz").await.expect("GET").0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_auth() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let etcdctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &etcd.endpoint()])
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    etcdctl(&["user", "add", "root:rootpw"]);
+    etcdctl(&["auth", "enable"]);
+    std::fs::write(dir.path().join("pw"), "rootpw\n").expect("write");
+    std::fs::write(dir.path().join("wrong"), "nope\n").expect("write");
+    let pw = dir.path().join("pw").display().to_string();
+    let (addr, server) = spawn_binary(
+        dir.path(),
+        &[
+            "--etcd",
+            &etcd.endpoint(),
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            &pw,
+        ],
+    );
+    binary_ready(addr, &server).await;
+    let wrong = dir.path().join("wrong").display().to_string();
+    let (bad_addr, bad) = spawn_binary(
+        dir.path(),
+        &[
+            "--etcd",
+            &etcd.endpoint(),
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            &wrong,
+        ],
+    );
+    wait_for("the refusal to be logged", DEADLINE, || async {
+        bad.log_tail(20)
+            .contains("etcd sync interrupted")
+            .then_some(())
+    })
+    .await
+    .expect("logged");
+    assert_eq!(http_get(bad_addr, "/readyz").await.expect("GET").0, 503);
+}
