@@ -12,6 +12,9 @@ pub enum PluginConfig {
     Poller(PollerConfig),
     /// The HTTP filter that routes each call.
     Router(RouterConfig),
+    /// An HTTP filter that does nothing: the floor any wasm filter costs,
+    /// for benchmarks.
+    Noop,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -98,6 +101,7 @@ mod tests {
             PluginConfig::parse(br#"{"role":"router"}"#),
             Ok(PluginConfig::Router(RouterConfig {}))
         );
+        assert_eq!(PluginConfig::parse(br#"{"role":"noop"}"#), Ok(PluginConfig::Noop));
     }
 
     #[test]

@@ -73,6 +73,7 @@ struct MeshRoot {
 enum Role {
     Poller(Poller),
     Router(Router),
+    Noop,
 }
 
 impl Context for MeshRoot {
@@ -99,9 +100,10 @@ impl RootContext for MeshRoot {
         let (role, tick) = match config {
             PluginConfig::Poller(config) => (Role::Poller(Poller::new(config)), POLLER_TICK),
             PluginConfig::Router(_) => (Role::Router(Router::new()), ROUTER_TICK),
+            PluginConfig::Noop => (Role::Noop, Duration::ZERO),
         };
         self.role = Some(role);
-        if hostcalls::set_tick_period(tick).is_err() {
+        if tick > Duration::ZERO && hostcalls::set_tick_period(tick).is_err() {
             log(LogLevel::Critical, "etcd-mesh: cannot set the tick period");
             return false;
         }
@@ -112,13 +114,14 @@ impl RootContext for MeshRoot {
         match &mut self.role {
             Some(Role::Poller(poller)) => poller.on_tick(),
             Some(Role::Router(router)) => router.flush_counters(),
-            None => {}
+            Some(Role::Noop) | None => {}
         }
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
         match &self.role {
             Some(Role::Router(router)) => Some(Box::new(router.call())),
+            Some(Role::Noop) => Some(Box::new(NoopCall)),
             // The poller is not a filter: a filter chain that loads it by
             // mistake gets no context, and Envoy passes calls through
             // without a host override to its default.
@@ -290,6 +293,12 @@ impl Router {
         self.no_endpoint.add(self.counters.no_endpoint.take());
     }
 }
+
+/// The benchmark floor: a filter that lets every call pass untouched.
+struct NoopCall;
+
+impl Context for NoopCall {}
+impl HttpContext for NoopCall {}
 
 /// The HTTP context of one call.
 struct RouteCall {
