@@ -3,6 +3,7 @@
 //! the field, and Envoy then refuses to load the plugin.
 
 use serde::Deserialize;
+use std::collections::HashMap;
 
 /// What this instance of the plugin does.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -34,11 +35,94 @@ pub struct PollerConfig {
     /// The longest pause between failed polls, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u32,
+    /// Sent as `Authorization: Bearer <token>` when sync-server wants one.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
 }
 
+/// Where the registry name of a call's service comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServiceFrom {
+    /// `/pkg.Service/Method` → `pkg.Service`.
+    #[default]
+    GrpcPath,
+    /// The `:authority` (host), without any port.
+    Authority,
+    /// A request header set by something the operator trusts.
+    Header(String),
+}
+
+/// How the pick reaches Envoy's ORIGINAL_DST cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HostOverride {
+    /// The filter state `envoy.network.transport_socket.original_dst_address`:
+    /// safe whatever the cluster says about headers.
+    #[default]
+    FilterState,
+    /// The `x-envoy-original-dst-host` header, always overwritten: cheaper,
+    /// and safe only with the cluster's `use_http_header: true` and this
+    /// filter failing closed (it is never skipped).
+    Header,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouterConfig {}
+pub struct RouterConfig {
+    #[serde(default)]
+    pub service_from: ServiceFrom,
+    /// From the name found in the call to the name in the registry (OpenIM
+    /// registers `User` for its gRPC `openim.user.User` service).
+    #[serde(default)]
+    pub service_names: HashMap<String, String>,
+    /// The gRPC status of the reply when a service has no endpoint.
+    #[serde(default = "default_no_endpoint_status")]
+    pub no_endpoint_status: u32,
+    #[serde(default)]
+    pub host_override: HostOverride,
+    /// Passive outlier ejection; `null` turns it off.
+    #[serde(default = "default_outlier")]
+    pub outlier_detection: Option<OutlierConfig>,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            service_from: ServiceFrom::default(),
+            service_names: HashMap::new(),
+            no_endpoint_status: default_no_endpoint_status(),
+            host_override: HostOverride::default(),
+            outlier_detection: default_outlier(),
+        }
+    }
+}
+
+/// Passive outlier ejection, after Envoy's outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Failures in a row (connect failure, reset, `UNAVAILABLE`) that eject.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th lasts n times as long.
+    pub base_ejection_ms: u64,
+    /// The longest an ejection lasts.
+    pub max_ejection_ms: u64,
+    /// The most of a service's endpoints that may be out at once (at least
+    /// one may always be, if the service has two or more).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            max_ejection_percent: 50,
+        }
+    }
+}
 
 fn default_authority() -> String {
     "sync-server".into()
@@ -52,29 +136,90 @@ fn default_timeout_margin_ms() -> u32 {
 fn default_max_backoff_ms() -> u32 {
     5_000
 }
+fn default_no_endpoint_status() -> u32 {
+    14
+}
+fn default_outlier() -> Option<OutlierConfig> {
+    Some(OutlierConfig::default())
+}
 
 impl PluginConfig {
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, String> {
         let config: PluginConfig = serde_json::from_slice(bytes)
             .map_err(|e| format!("invalid plugin configuration: {e}"))?;
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| format!("invalid plugin configuration: {e}"))?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), String> {
-        if let PluginConfig::Poller(poller) = self {
-            if poller.cluster.is_empty() {
-                return Err("invalid plugin configuration: `cluster` is empty".into());
+        match self {
+            PluginConfig::Poller(poller) => {
+                if poller.cluster.is_empty() {
+                    return Err("`cluster` is empty".into());
+                }
+                if !(1..=300).contains(&poller.wait_seconds) {
+                    return Err(format!(
+                        "`wait_seconds` is {}, expected 1..=300",
+                        poller.wait_seconds
+                    ));
+                }
+                if poller.max_backoff_ms < 100 {
+                    return Err("`max_backoff_ms` is below 100".into());
+                }
+                if poller.bearer_token.as_deref().is_some_and(|t| {
+                    t.is_empty() || t.bytes().any(|b| b.is_ascii_control() || b == b' ')
+                }) {
+                    return Err(
+                        "`bearer_token` is empty or has spaces or control characters".into(),
+                    );
+                }
             }
-            if !(1..=300).contains(&poller.wait_seconds) {
-                return Err(format!(
-                    "invalid plugin configuration: `wait_seconds` is {}, expected 1..=300",
-                    poller.wait_seconds
-                ));
+            PluginConfig::Router(router) => {
+                if let ServiceFrom::Header(name) = &router.service_from {
+                    if name.is_empty()
+                        || name.starts_with(':')
+                        || name.to_ascii_lowercase() != *name
+                    {
+                        return Err(format!(
+                            "`service_from.header` {name:?} must be a lower-case, non-pseudo header name"
+                        ));
+                    }
+                }
+                if !(1..=16).contains(&router.no_endpoint_status) {
+                    return Err(format!(
+                        "`no_endpoint_status` is {}, expected a gRPC status 1..=16",
+                        router.no_endpoint_status
+                    ));
+                }
+                if let Some((from, _)) = router
+                    .service_names
+                    .iter()
+                    .find(|(from, to)| from.is_empty() || to.is_empty())
+                {
+                    return Err(format!(
+                        "`service_names` maps {from:?} to or from an empty name"
+                    ));
+                }
+                if let Some(outlier) = &router.outlier_detection {
+                    if outlier.consecutive_failures == 0 {
+                        return Err("`outlier_detection.consecutive_failures` is 0".into());
+                    }
+                    if outlier.base_ejection_ms == 0
+                        || outlier.max_ejection_ms < outlier.base_ejection_ms
+                    {
+                        return Err(
+                            "`outlier_detection.base_ejection_ms` must be above 0 and at most `max_ejection_ms`"
+                                .into(),
+                        );
+                    }
+                    if outlier.max_ejection_percent > 100 {
+                        return Err("`outlier_detection.max_ejection_percent` is above 100".into());
+                    }
+                }
             }
-            if poller.max_backoff_ms < 100 {
-                return Err("invalid plugin configuration: `max_backoff_ms` is below 100".into());
-            }
+            PluginConfig::Noop => {}
         }
         Ok(())
     }
@@ -95,35 +240,76 @@ mod tests {
                 wait_seconds: 30,
                 timeout_margin_ms: 5_000,
                 max_backoff_ms: 5_000,
+                bearer_token: None,
             }))
         );
         assert_eq!(
             PluginConfig::parse(br#"{"role":"router"}"#),
-            Ok(PluginConfig::Router(RouterConfig {}))
+            Ok(PluginConfig::Router(RouterConfig::default()))
         );
-        assert_eq!(PluginConfig::parse(br#"{"role":"noop"}"#), Ok(PluginConfig::Noop));
+        assert_eq!(
+            PluginConfig::parse(br#"{"role":"noop"}"#),
+            Ok(PluginConfig::Noop)
+        );
+    }
+
+    #[test]
+    fn parses_every_router_field() {
+        let config = PluginConfig::parse(
+            br#"{"role":"router","service_from":{"header":"x-service"},
+                 "service_names":{"openim.user.User":"User"},"no_endpoint_status":5,
+                 "host_override":"header",
+                 "outlier_detection":{"consecutive_failures":3,"base_ejection_ms":1000}}"#,
+        );
+        let Ok(PluginConfig::Router(router)) = config else {
+            panic!("{config:?}");
+        };
+        assert_eq!(router.service_from, ServiceFrom::Header("x-service".into()));
+        assert_eq!(router.service_names["openim.user.User"], "User");
+        assert_eq!(router.no_endpoint_status, 5);
+        assert_eq!(router.host_override, HostOverride::Header);
+        let outlier = router.outlier_detection.expect("on");
+        assert_eq!(
+            (outlier.consecutive_failures, outlier.base_ejection_ms),
+            (3, 1000)
+        );
+        assert_eq!(outlier.max_ejection_percent, 50);
+        let off = PluginConfig::parse(
+            br#"{"role":"router","outlier_detection":null,"service_from":"authority"}"#,
+        );
+        assert!(matches!(
+            off,
+            Ok(PluginConfig::Router(RouterConfig {
+                outlier_detection: None,
+                service_from: ServiceFrom::Authority,
+                ..
+            }))
+        ));
     }
 
     #[test]
     fn errors_name_the_field() {
         for (config, field) in [
             (&br#"{"role":"poller"}"#[..], "cluster"),
-            (
-                br#"{"role":"poller","cluster":"s","wait_secs":3}"#,
-                "wait_secs",
-            ),
-            (
-                br#"{"role":"poller","cluster":"s","wait_seconds":0}"#,
-                "wait_seconds",
-            ),
-            (
-                br#"{"role":"poller","cluster":"s","wait_seconds":"x"}"#,
-                "invalid type",
-            ),
+            (br#"{"role":"poller","cluster":"s","wait_secs":3}"#, "wait_secs"),
+            (br#"{"role":"poller","cluster":"s","wait_seconds":0}"#, "wait_seconds"),
+            (br#"{"role":"poller","cluster":"s","wait_seconds":"x"}"#, "invalid type"),
             (br#"{"role":"poller","cluster":""}"#, "cluster"),
+            (br#"{"role":"poller","cluster":"s","bearer_token":"a b"}"#, "bearer_token"),
             (br#"{"role":"pollster"}"#, "pollster"),
             (br#"{"cluster":"s"}"#, "role"),
             (br#"{"role":"router","extra":1}"#, "extra"),
+            (br#"{"role":"router","service_from":"path"}"#, "path"),
+            (br#"{"role":"router","service_from":{"header":":path"}}"#, "service_from.header"),
+            (br#"{"role":"router","service_from":{"header":"X-Svc"}}"#, "service_from.header"),
+            (br#"{"role":"router","no_endpoint_status":0}"#, "no_endpoint_status"),
+            (br#"{"role":"router","no_endpoint_status":17}"#, "no_endpoint_status"),
+            (br#"{"role":"router","service_names":{"a":""}}"#, "service_names"),
+            (br#"{"role":"router","host_override":"dns"}"#, "dns"),
+            (br#"{"role":"router","outlier_detection":{"consecutive_failures":0}}"#, "consecutive_failures"),
+            (br#"{"role":"router","outlier_detection":{"base_ejection_ms":10,"max_ejection_ms":5}}"#, "base_ejection_ms"),
+            (br#"{"role":"router","outlier_detection":{"max_ejection_percent":101}}"#, "max_ejection_percent"),
+            (br#"{"role":"router","outlier_detection":{"interval":1}}"#, "interval"),
             (b"", "EOF"),
         ] {
             let err = PluginConfig::parse(config).expect_err("must be refused");

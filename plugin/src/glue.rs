@@ -3,18 +3,26 @@
 //! Host calls go through `proxy_wasm::hostcalls`, whose `Result`s are
 //! handled here, rather than the trait helpers, which panic on host errors.
 //! A panic would take the VM, and every call of this worker, down with it.
+//!
+//! Per call the router makes these host calls: the 16-byte version read,
+//! the header that names the service, the override (filter state or
+//! header), and, with outlier detection on, the `grpc-status` of the reply.
+//! Everything else happens only when something changed.
 
-use crate::config::{PluginConfig, PollerConfig};
+use crate::config::{
+    HostOverride, OutlierConfig, PluginConfig, PollerConfig, RouterConfig, ServiceFrom,
+};
 use crate::filter_state::{original_dst_arguments, SET_FILTER_STATE};
-use crate::naming::service_from_grpc_path;
+use crate::naming::{service_from_authority, service_from_grpc_path};
+use crate::outlier::{is_failure, Ejections, FailureCounter};
 use crate::poll::PollSchedule;
 use crate::tables::{Pick, WorkerTables};
-use crate::{REVISION_KEY, TABLES_KEY};
+use crate::{Version, EJECTIONS_KEY, TABLES_KEY, VERSION_KEY};
 use etcd_mesh_wire::Snapshot;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{
-    Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType,
+    Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status,
 };
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -27,8 +35,10 @@ proxy_wasm::main! {{
 
 /// How often the poller checks whether a poll is due (after a backoff).
 const POLLER_TICK: Duration = Duration::from_millis(100);
-/// How often workers flush their call counters into Envoy's stats.
-const ROUTER_TICK: Duration = Duration::from_secs(1);
+/// How often workers flush their counters and let ejected endpoints back.
+const ROUTER_TICK: Duration = Duration::from_millis(500);
+/// The header the ORIGINAL_DST cluster reads in `header` override mode.
+const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
 
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
@@ -38,11 +48,53 @@ fn now() -> SystemTime {
     hostcalls::get_current_time().unwrap_or(UNIX_EPOCH)
 }
 
+fn now_ms() -> u64 {
+    now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn clock_seed() -> u64 {
     now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// Reads, changes and writes a shared-data value, retrying when another
+/// VM wrote in between. `change` returns `None` to leave it as it is.
+fn update_shared(
+    key: &str,
+    change: impl Fn(Option<&[u8]>) -> Option<Vec<u8>>,
+) -> Result<bool, Status> {
+    for _ in 0..16 {
+        let (value, cas) = hostcalls::get_shared_data(key)?;
+        let Some(new) = change(value.as_deref()) else {
+            return Ok(false);
+        };
+        match hostcalls::set_shared_data(key, Some(&new), cas) {
+            Ok(()) => return Ok(true),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Status::CasMismatch)
+}
+
+fn read_version() -> Option<Version> {
+    match hostcalls::get_shared_data(VERSION_KEY) {
+        Ok((Some(bytes), _)) => Version::decode(&bytes),
+        _ => None,
+    }
+}
+
+fn bump_version(change: impl Fn(&mut Version)) -> Result<bool, Status> {
+    update_shared(VERSION_KEY, |bytes| {
+        let mut version = bytes.and_then(Version::decode).unwrap_or_default();
+        change(&mut version);
+        Some(version.encode().to_vec())
+    })
 }
 
 /// A stat in Envoy (`wasmcustom.<name>`), or nothing if the host refused it.
@@ -99,7 +151,7 @@ impl RootContext for MeshRoot {
         };
         let (role, tick) = match config {
             PluginConfig::Poller(config) => (Role::Poller(Poller::new(config)), POLLER_TICK),
-            PluginConfig::Router(_) => (Role::Router(Router::new()), ROUTER_TICK),
+            PluginConfig::Router(config) => (Role::Router(Router::new(config)), ROUTER_TICK),
             PluginConfig::Noop => (Role::Noop, Duration::ZERO),
         };
         self.role = Some(role);
@@ -113,7 +165,7 @@ impl RootContext for MeshRoot {
     fn on_tick(&mut self) {
         match &mut self.role {
             Some(Role::Poller(poller)) => poller.on_tick(),
-            Some(Role::Router(router)) => router.flush_counters(),
+            Some(Role::Router(router)) => router.on_tick(),
             Some(Role::Noop) | None => {}
         }
     }
@@ -123,8 +175,7 @@ impl RootContext for MeshRoot {
             Some(Role::Router(router)) => Some(Box::new(router.call())),
             Some(Role::Noop) => Some(Box::new(NoopCall)),
             // The poller is not a filter: a filter chain that loads it by
-            // mistake gets no context, and Envoy passes calls through
-            // without a host override to its default.
+            // mistake gets no context.
             _ => None,
         }
     }
@@ -139,9 +190,12 @@ struct Poller {
     schedule: PollSchedule,
     in_flight: Option<u32>,
     next_poll_at: SystemTime,
+    /// When sync-server last answered (200 or 304).
+    last_answer: Option<SystemTime>,
     succeeded: Metric,
     failed: Metric,
     revision: Metric,
+    age: Metric,
 }
 
 impl Poller {
@@ -150,14 +204,21 @@ impl Poller {
             schedule: PollSchedule::new(config, clock_seed()),
             in_flight: None,
             next_poll_at: UNIX_EPOCH,
+            last_answer: None,
             succeeded: Metric::define(MetricType::Counter, "etcd_mesh.polls_succeeded"),
             failed: Metric::define(MetricType::Counter, "etcd_mesh.polls_failed"),
             revision: Metric::define(MetricType::Gauge, "etcd_mesh.table_revision"),
+            age: Metric::define(MetricType::Gauge, "etcd_mesh.table_age_ms"),
         }
     }
 
     fn on_tick(&mut self) {
-        if self.in_flight.is_none() && now() >= self.next_poll_at {
+        let now = now();
+        if let Some(answered) = self.last_answer {
+            let age = now.duration_since(answered).unwrap_or_default();
+            self.age.set(age.as_millis() as u64);
+        }
+        if self.in_flight.is_none() && now >= self.next_poll_at {
             self.poll();
         }
     }
@@ -165,11 +226,15 @@ impl Poller {
     fn poll(&mut self) {
         let config = self.schedule.config();
         let path = self.schedule.path();
-        let headers = vec![
+        let authorization = config.bearer_token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut headers = vec![
             (":method", "GET"),
             (":path", path.as_str()),
             (":authority", config.authority.as_str()),
         ];
+        if let Some(value) = &authorization {
+            headers.push(("authorization", value.as_str()));
+        }
         match hostcalls::dispatch_http_call(
             &config.cluster,
             headers,
@@ -219,22 +284,18 @@ impl Poller {
         if !self.schedule.is_newer(snapshot.revision) {
             return Ok(());
         }
+        let revision = snapshot.revision;
         hostcalls::set_shared_data(TABLES_KEY, Some(body), None)
-            .and_then(|()| {
-                hostcalls::set_shared_data(
-                    REVISION_KEY,
-                    Some(&snapshot.revision.to_le_bytes()),
-                    None,
-                )
-            })
+            .and_then(|()| bump_version(|v| v.tables = revision))
             .map_err(|status| format!("a snapshot that shared data refused: {status:?}"))?;
-        self.schedule.accepted(snapshot.revision);
-        self.revision.set(snapshot.revision);
+        self.schedule.accepted(revision);
+        self.revision.set(revision);
         Ok(())
     }
 
     fn succeed(&mut self) {
         self.succeeded.add(1);
+        self.last_answer = Some(now());
         self.schedule.succeeded();
         self.poll();
     }
@@ -252,45 +313,156 @@ impl Poller {
 
 /// One worker's routing state, shared by its HTTP contexts.
 struct Router {
-    tables: Rc<RefCell<WorkerTables>>,
-    /// The revision last read from shared data, applied or not: a body that
-    /// fails to decode is not decoded again on every call.
-    seen: Rc<Cell<Option<u64>>>,
-    counters: Rc<CallCounters>,
+    shared: Rc<WorkerState>,
     routed: Metric,
     no_endpoint: Metric,
+    ejections: Metric,
+    refresh_us: Metric,
 }
 
-#[derive(Default)]
-struct CallCounters {
+/// What the calls of one worker share.
+struct WorkerState {
+    config: RouterConfig,
+    tables: RefCell<WorkerTables>,
+    /// The version last read from shared data, applied or not: a body that
+    /// fails to decode is not decoded again on every call.
+    seen: Cell<Version>,
+    failures: RefCell<FailureCounter>,
     routed: Cell<u64>,
     no_endpoint: Cell<u64>,
+    ejections: Cell<u64>,
+    refresh_us: Cell<Option<u64>>,
 }
 
 impl Router {
-    fn new() -> Router {
+    fn new(config: RouterConfig) -> Router {
         Router {
-            tables: Rc::new(RefCell::new(WorkerTables::new(clock_seed()))),
-            seen: Rc::new(Cell::new(None)),
-            counters: Rc::default(),
+            shared: Rc::new(WorkerState {
+                config,
+                tables: RefCell::new(WorkerTables::new(clock_seed())),
+                seen: Cell::new(Version::default()),
+                failures: RefCell::default(),
+                routed: Cell::new(0),
+                no_endpoint: Cell::new(0),
+                ejections: Cell::new(0),
+                refresh_us: Cell::new(None),
+            }),
             routed: Metric::define(MetricType::Counter, "etcd_mesh.calls_routed"),
             no_endpoint: Metric::define(MetricType::Counter, "etcd_mesh.calls_no_endpoint"),
+            ejections: Metric::define(MetricType::Counter, "etcd_mesh.ejections"),
+            refresh_us: Metric::define(MetricType::Gauge, "etcd_mesh.table_refresh_us"),
         }
     }
 
     fn call(&self) -> RouteCall {
         RouteCall {
-            tables: Rc::clone(&self.tables),
-            seen: Rc::clone(&self.seen),
-            counters: Rc::clone(&self.counters),
+            shared: Rc::clone(&self.shared),
+            picked: None,
         }
     }
 
-    /// Per-call counters are kept in the VM and flushed once a second: a
-    /// stats host call on every request would cost as much as the pick.
-    fn flush_counters(&self) {
-        self.routed.add(self.counters.routed.take());
-        self.no_endpoint.add(self.counters.no_endpoint.take());
+    /// Per-call counters are kept in the VM and flushed here: a stats host
+    /// call on every request would cost as much as the pick.
+    fn on_tick(&self) {
+        let shared = &self.shared;
+        self.routed.add(shared.routed.take());
+        self.no_endpoint.add(shared.no_endpoint.take());
+        self.ejections.add(shared.ejections.take());
+        if let Some(us) = shared.refresh_us.take() {
+            self.refresh_us.set(us);
+        }
+        if shared.config.outlier_detection.is_some() {
+            shared.tables.borrow_mut().expire_ejections(now_ms());
+        }
+    }
+}
+
+impl WorkerState {
+    /// Re-reads the tables or the ejections when, and only when, their
+    /// part of the version changed.
+    fn refresh(&self) {
+        let Some(version) = read_version() else {
+            return;
+        };
+        let seen = self.seen.replace(version);
+        if version.tables != seen.tables {
+            if let Ok((Some(body), _)) = hostcalls::get_shared_data(TABLES_KEY) {
+                let started = clock_seed();
+                match self.tables.borrow_mut().apply(&body) {
+                    Ok(_) => self
+                        .refresh_us
+                        .set(Some(clock_seed().saturating_sub(started) / 1000)),
+                    Err(e) => log(LogLevel::Error, &format!("etcd-mesh: shared tables: {e}")),
+                }
+            }
+        }
+        if version.ejections != seen.ejections {
+            let list = match hostcalls::get_shared_data(EJECTIONS_KEY) {
+                Ok((Some(bytes), _)) => Ejections::decode(&bytes),
+                _ => Ejections::default(),
+            };
+            let now = now_ms();
+            let active = list.active(now).map(|e| (e.addr.clone(), e.until_ms));
+            self.tables.borrow_mut().set_ejections(active);
+        }
+    }
+
+    /// The registry name of the call's service, if the request names one.
+    fn service_name(&self) -> Result<String, &'static str> {
+        let header = |name: &str| {
+            hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+                .ok()
+                .flatten()
+        };
+        let found = match &self.config.service_from {
+            ServiceFrom::GrpcPath => header(":path")
+                .and_then(|p| service_from_grpc_path(&p).map(str::to_owned))
+                .ok_or("etcd-mesh: the request path names no gRPC service"),
+            ServiceFrom::Authority => header(":authority")
+                .and_then(|a| service_from_authority(&a).map(str::to_owned))
+                .ok_or("etcd-mesh: the request has no :authority"),
+            ServiceFrom::Header(name) => header(name)
+                .filter(|v| !v.is_empty())
+                .ok_or("etcd-mesh: the request lacks the header that names the service"),
+        }?;
+        Ok(match self.config.service_names.get(&found) {
+            Some(mapped) => mapped.clone(),
+            None => found,
+        })
+    }
+
+    /// Counts a finished call; ejects its endpoint at the threshold.
+    fn record(&self, outlier: &OutlierConfig, service: &str, addr: &str, failed: bool) {
+        let threshold = outlier.consecutive_failures;
+        if !self.failures.borrow_mut().record(addr, failed, threshold) {
+            return;
+        }
+        let (live, ejected) = self.tables.borrow().ejection_room(service);
+        let now = now_ms();
+        let made = RefCell::new(None);
+        let written = update_shared(EJECTIONS_KEY, |bytes| {
+            let mut list = bytes.map(Ejections::decode).unwrap_or_default();
+            *made.borrow_mut() = list.eject(addr, now, outlier, live, ejected);
+            made.borrow().as_ref().map(|_| list.encode())
+        });
+        let Some(record) = made.into_inner().filter(|_| matches!(written, Ok(true))) else {
+            return;
+        };
+        log(
+            LogLevel::Warn,
+            &format!(
+                "etcd-mesh: ejecting {addr} of {service} for {} ms after {threshold} failures in a row (ejection {})",
+                record.until_ms.saturating_sub(now),
+                record.times
+            ),
+        );
+        self.ejections.set(self.ejections.get() + 1);
+        if let Err(e) = bump_version(|v| v.ejections = v.ejections.wrapping_add(1)) {
+            log(
+                LogLevel::Error,
+                &format!("etcd-mesh: cannot publish an ejection: {e:?}"),
+            );
+        }
     }
 }
 
@@ -302,78 +474,118 @@ impl HttpContext for NoopCall {}
 
 /// The HTTP context of one call.
 struct RouteCall {
-    tables: Rc<RefCell<WorkerTables>>,
-    seen: Rc<Cell<Option<u64>>>,
-    counters: Rc<CallCounters>,
+    shared: Rc<WorkerState>,
+    /// (service, endpoint) of this call, kept for outlier detection.
+    picked: Option<(String, String)>,
 }
 
 impl Context for RouteCall {}
 
 impl HttpContext for RouteCall {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        self.refresh_tables();
-        let path = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path")
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let Some(service) = service_from_grpc_path(&path) else {
-            return reply(
-                GrpcStatusCode::Unimplemented,
-                "etcd-mesh: the request path names no gRPC service",
-            );
+        let shared = &self.shared;
+        shared.refresh();
+        let service = match shared.service_name() {
+            Ok(service) => service,
+            Err(message) => return reply(GrpcStatusCode::Unimplemented, message),
         };
-        let arguments = match self.tables.borrow_mut().pick(service) {
-            Pick::Endpoint(addr) => original_dst_arguments(addr),
+        let addr = match shared.tables.borrow_mut().pick(&service) {
+            Pick::Endpoint(addr) => addr.to_owned(),
             Pick::NoEndpoint => {
-                bump(&self.counters.no_endpoint);
+                bump(&shared.no_endpoint);
                 return reply(
-                    GrpcStatusCode::Unavailable,
+                    grpc_status(shared.config.no_endpoint_status),
                     &format!("etcd-mesh: no endpoint for service {service}"),
                 );
             }
         };
-        match hostcalls::call_foreign_function(SET_FILTER_STATE, Some(&arguments)) {
-            Ok(_) => {
-                bump(&self.counters.routed);
-                Action::Continue
-            }
-            Err(status) => {
-                log(
-                    LogLevel::Error,
-                    &format!("etcd-mesh: cannot set the upstream address: {status:?}"),
-                );
-                reply(
-                    GrpcStatusCode::Unavailable,
-                    "etcd-mesh: cannot set the upstream",
-                )
-            }
+        let set = match shared.config.host_override {
+            HostOverride::FilterState => hostcalls::call_foreign_function(
+                SET_FILTER_STATE,
+                Some(&original_dst_arguments(&addr)),
+            )
+            .map(drop),
+            // Overwrites whatever the client sent.
+            HostOverride::Header => hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                ORIGINAL_DST_HEADER,
+                Some(&addr),
+            ),
+        };
+        if let Err(status) = set {
+            log(
+                LogLevel::Error,
+                &format!("etcd-mesh: cannot set the upstream address: {status:?}"),
+            );
+            return reply(
+                GrpcStatusCode::Unavailable,
+                "etcd-mesh: cannot set the upstream",
+            );
         }
+        bump(&shared.routed);
+        if shared.config.outlier_detection.is_some() {
+            self.picked = Some((service, addr));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        // A trailers-only reply (how Envoy reports a connect failure or
+        // reset to a gRPC client) carries its status here.
+        if end_of_stream {
+            self.settle(MapType::HttpResponseHeaders);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _: usize) -> Action {
+        self.settle(MapType::HttpResponseTrailers);
+        Action::Continue
     }
 }
 
 impl RouteCall {
-    /// Re-reads the tables when, and only when, their revision changed.
-    fn refresh_tables(&self) {
-        let Ok((Some(bytes), _)) = hostcalls::get_shared_data(REVISION_KEY) else {
+    fn settle(&mut self, map: MapType) {
+        let Some((service, addr)) = self.picked.take() else {
             return;
         };
-        let Ok(revision) = <[u8; 8]>::try_from(bytes.as_slice()).map(u64::from_le_bytes) else {
+        let Some(outlier) = &self.shared.config.outlier_detection else {
             return;
         };
-        if self.seen.get() == Some(revision) {
-            return;
-        }
-        self.seen.set(Some(revision));
-        if let Ok((Some(body), _)) = hostcalls::get_shared_data(TABLES_KEY) {
-            if let Err(e) = self.tables.borrow_mut().apply(&body) {
-                log(LogLevel::Error, &format!("etcd-mesh: shared tables: {e}"));
-            }
-        }
+        let status = hostcalls::get_map_value(map, "grpc-status").ok().flatten();
+        let failed = status.as_deref().is_some_and(is_failure);
+        self.shared.record(outlier, &service, &addr, failed);
     }
 }
 
 fn bump(counter: &Cell<u64>) {
     counter.set(counter.get() + 1);
+}
+
+fn grpc_status(code: u32) -> GrpcStatusCode {
+    use GrpcStatusCode::*;
+    [
+        Ok,
+        Cancelled,
+        Unknown,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        Unimplemented,
+        Internal,
+        Unavailable,
+        DataLoss,
+        Unauthenticated,
+    ]
+    .get(code as usize)
+    .copied()
+    .unwrap_or(Unavailable)
 }
 
 /// Ends the call with a trailers-only gRPC reply.

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod filter_state;
 pub mod naming;
+pub mod outlier;
 pub mod poll;
 pub mod rng;
 pub mod tables;
@@ -24,7 +25,48 @@ mod glue;
 
 /// Shared-data key holding the newest snapshot body the poller accepted.
 pub const TABLES_KEY: &str = "etcd-mesh/tables";
-/// Shared-data key holding that snapshot's revision (u64, little endian),
-/// written after the tables: workers read these 8 bytes per call, and the
-/// whole table only when they change.
-pub const REVISION_KEY: &str = "etcd-mesh/revision";
+/// Shared-data key holding the ejection records ([`outlier::Ejections`]).
+pub const EJECTIONS_KEY: &str = "etcd-mesh/ejections";
+/// Shared-data key holding [`Version`]: workers read these 16 bytes per
+/// call, and the tables or ejections only when their part changes.
+pub const VERSION_KEY: &str = "etcd-mesh/version";
+
+/// What a worker checks on every call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Version {
+    /// The revision of the snapshot in [`TABLES_KEY`].
+    pub tables: u64,
+    /// Bumped on every change of [`EJECTIONS_KEY`].
+    pub ejections: u64,
+}
+
+impl Version {
+    pub fn encode(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.tables.to_le_bytes());
+        out[8..].copy_from_slice(&self.ejections.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Version> {
+        let tables = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+        let ejections = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(Version { tables, ejections })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_round_trip_and_refuse_short_input() {
+        let v = Version {
+            tables: 7,
+            ejections: u64::MAX,
+        };
+        assert_eq!(Version::decode(&v.encode()), Some(v));
+        assert_eq!(Version::decode(&[1; 15]), None);
+        assert_eq!(Version::decode(b""), None);
+    }
+}

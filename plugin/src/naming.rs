@@ -11,6 +11,18 @@ pub fn service_from_grpc_path(path: &str) -> Option<&str> {
     Some(service)
 }
 
+/// The host of an `:authority`, without its port: `user:10110` → `user`.
+pub fn service_from_authority(authority: &str) -> Option<&str> {
+    let host = match authority.rsplit_once(':') {
+        // `[::1]:80` or `host:80`; a bare IPv6 literal has no port to strip.
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
+            host
+        }
+        _ => authority,
+    };
+    (!host.is_empty()).then_some(host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,5 +43,14 @@ mod tests {
         ] {
             assert_eq!(service_from_grpc_path(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn names_the_service_of_authorities() {
+        assert_eq!(service_from_authority("user:10110"), Some("user"));
+        assert_eq!(service_from_authority("user"), Some("user"));
+        assert_eq!(service_from_authority("[::1]:80"), Some("[::1]"));
+        assert_eq!(service_from_authority(""), None);
+        assert_eq!(service_from_authority(":80"), None);
     }
 }

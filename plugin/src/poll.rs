@@ -89,6 +89,7 @@ mod tests {
                 wait_seconds: 30,
                 timeout_margin_ms: 5000,
                 max_backoff_ms: 2000,
+                bearer_token: None,
             },
             7,
         )

@@ -13,6 +13,8 @@ pub struct WorkerTables {
     revision: Option<u64>,
     services: HashMap<String, SmoothPicker>,
     rng: SplitMix64,
+    /// Ejected endpoints and when (host clock, ms) each comes back.
+    ejected: HashMap<String, u64>,
 }
 
 /// What `pick` found.
@@ -29,6 +31,7 @@ impl WorkerTables {
             revision: None,
             services: HashMap::new(),
             rng: SplitMix64::new(seed),
+            ejected: HashMap::new(),
         }
     }
 
@@ -61,7 +64,39 @@ impl WorkerTables {
         }
         self.services = services;
         self.revision = Some(snapshot.revision);
+        self.mark_ejected();
         Ok(true)
+    }
+
+    /// Replaces the set of ejected endpoints (addr, until).
+    pub fn set_ejections(&mut self, ejected: impl IntoIterator<Item = (String, u64)>) {
+        self.ejected = ejected.into_iter().collect();
+        self.mark_ejected();
+    }
+
+    /// Lets back the endpoints whose ejection is over at `now_ms`; true if
+    /// any came back.
+    pub fn expire_ejections(&mut self, now_ms: u64) -> bool {
+        let before = self.ejected.len();
+        self.ejected.retain(|_, until| *until > now_ms);
+        let changed = self.ejected.len() != before;
+        if changed {
+            self.mark_ejected();
+        }
+        changed
+    }
+
+    fn mark_ejected(&mut self) {
+        for picker in self.services.values_mut() {
+            picker.set_ejected(|addr| self.ejected.contains_key(addr));
+        }
+    }
+
+    /// (endpoints taking calls, of which ejected) for `service`.
+    pub fn ejection_room(&self, service: &str) -> (usize, usize) {
+        self.services
+            .get(service)
+            .map_or((0, 0), |p| (p.len(), p.ejected()))
     }
 
     pub fn pick(&mut self, service: &str) -> Pick<'_> {
@@ -100,5 +135,62 @@ mod tests {
         assert_eq!(tables.pick("other"), Pick::NoEndpoint);
         assert_eq!(tables.apply(&body(6, &[("127.0.0.1:1", 0)])), Ok(true));
         assert_eq!(tables.pick("demo.Echo"), Pick::NoEndpoint);
+    }
+
+    #[test]
+    fn ejections_apply_across_updates_and_expire() {
+        let mut tables = WorkerTables::new(3);
+        tables
+            .apply(&body(1, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)]))
+            .expect("valid");
+        tables.set_ejections([("127.0.0.1:1".to_owned(), 1000)]);
+        assert_eq!(tables.ejection_room("demo.Echo"), (2, 1));
+        tables
+            .apply(&body(2, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 3)]))
+            .expect("valid");
+        for _ in 0..8 {
+            assert_eq!(tables.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:2"));
+        }
+        assert!(!tables.expire_ejections(999));
+        assert!(tables.expire_ejections(1000));
+        let picks: Vec<_> = (0..4)
+            .map(|_| format!("{:?}", tables.pick("demo.Echo")))
+            .collect();
+        assert!(picks.iter().any(|p| p.contains("127.0.0.1:1")), "{picks:?}");
+    }
+
+    #[test]
+    fn hostile_bodies_never_panic_and_change_nothing() {
+        // A fuzz-style property: random mutations of a valid body either
+        // decode to a valid snapshot or leave the tables untouched.
+        let valid = body(10, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 2)]);
+        let mut rng = SplitMix64::new(9);
+        let mut tables = WorkerTables::new(1);
+        tables
+            .apply(&body(5, &[("127.0.0.1:9", 1)]))
+            .expect("valid");
+        for _ in 0..5_000 {
+            let mut mutated = valid.clone();
+            for _ in 0..1 + rng.next_u64() % 4 {
+                let at = (rng.next_u64() as usize) % mutated.len();
+                match rng.next_u64() % 3 {
+                    0 => mutated[at] = rng.next_u64() as u8,
+                    1 => {
+                        mutated.remove(at);
+                    }
+                    _ => mutated.truncate(at),
+                }
+                if mutated.is_empty() {
+                    break;
+                }
+            }
+            let mut copy = WorkerTables::new(1);
+            copy.apply(&body(5, &[("127.0.0.1:9", 1)])).expect("valid");
+            match copy.apply(&mutated) {
+                Ok(_) => assert!(copy.revision().is_some()),
+                Err(_) => assert_eq!(copy.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:9")),
+            }
+        }
+        assert_eq!(tables.revision(), Some(5));
     }
 }

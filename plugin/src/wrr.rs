@@ -4,7 +4,9 @@
 //! highest score, and lowers it by the total weight. Over any `total`
 //! consecutive picks every endpoint is chosen exactly `weight` times, and the
 //! heavy ones are interleaved with the light ones instead of bunched.
-//! Weight 0 (draining) endpoints are never picked.
+//! Weight 0 (draining) endpoints are never picked. Ejected endpoints sit
+//! out; if every endpoint is ejected the picker ignores ejections (panic
+//! mode, as Envoy does) rather than fail every call.
 
 use crate::rng::SplitMix64;
 
@@ -13,6 +15,7 @@ struct Slot {
     addr: String,
     weight: i64,
     score: i64,
+    ejected: bool,
 }
 
 /// The picker of one service on one worker.
@@ -20,6 +23,8 @@ struct Slot {
 pub struct SmoothPicker {
     slots: Vec<Slot>,
     total: i64,
+    /// The total weight of the endpoints not ejected.
+    in_total: i64,
 }
 
 /// How many picks a randomised start may skip ahead: enough to spread the
@@ -36,10 +41,15 @@ impl SmoothPicker {
                 addr: addr.to_owned(),
                 weight: i64::from(weight),
                 score: 0,
+                ejected: false,
             })
             .collect();
         let total = slots.iter().map(|s| s.weight).sum();
-        SmoothPicker { slots, total }
+        SmoothPicker {
+            slots,
+            total,
+            in_total: total,
+        }
     }
 
     /// A picker whose sequence starts at a random point, so that the workers
@@ -81,9 +91,14 @@ impl SmoothPicker {
 
     /// The next endpoint, or `None` when no endpoint takes calls.
     pub fn pick(&mut self) -> Option<&str> {
+        let panic = self.in_total == 0;
+        let total = if panic { self.total } else { self.in_total };
         let mut best: Option<usize> = None;
         let mut best_score = i64::MIN;
         for (i, slot) in self.slots.iter_mut().enumerate() {
+            if slot.ejected && !panic {
+                continue;
+            }
             slot.score += slot.weight;
             if slot.score > best_score {
                 best_score = slot.score;
@@ -91,8 +106,27 @@ impl SmoothPicker {
             }
         }
         let slot = &mut self.slots[best?];
-        slot.score -= self.total;
+        slot.score -= total;
         Some(&slot.addr)
+    }
+
+    /// Marks which endpoints sit out; the others keep their place in the
+    /// sequence.
+    pub fn set_ejected(&mut self, is_ejected: impl Fn(&str) -> bool) {
+        for slot in &mut self.slots {
+            slot.ejected = is_ejected(&slot.addr);
+        }
+        self.in_total = self
+            .slots
+            .iter()
+            .filter(|s| !s.ejected)
+            .map(|s| s.weight)
+            .sum();
+    }
+
+    /// How many endpoints are ejected now.
+    pub fn ejected(&self) -> usize {
+        self.slots.iter().filter(|s| s.ejected).count()
     }
 
     /// Endpoints that take calls.
@@ -164,6 +198,52 @@ mod tests {
             })
             .collect();
         assert!(firsts.len() >= 3, "{firsts:?}");
+    }
+
+    #[test]
+    fn ejected_endpoints_sit_out_until_all_are() {
+        let mut picker = SmoothPicker::new([("a", 1), ("b", 2), ("c", 3)]);
+        picker.set_ejected(|addr| addr == "c");
+        assert_eq!(picker.ejected(), 1);
+        let out = picks(&mut picker, 30);
+        assert!(!out.contains(&"c".to_owned()));
+        assert_eq!(out.iter().filter(|a| *a == "b").count(), 20);
+        picker.set_ejected(|_| true);
+        let panic = picks(&mut picker, 60);
+        assert_eq!(
+            panic.iter().filter(|a| *a == "c").count(),
+            30,
+            "panic mode uses all"
+        );
+        picker.set_ejected(|_| false);
+        assert_eq!(picker.ejected(), 0);
+    }
+
+    #[test]
+    fn property_any_weights_any_seed_exact_windows() {
+        // A property test over random tables: the split is exact over every
+        // window of `total` picks, whatever the weights and start.
+        let mut rng = SplitMix64::new(42);
+        for _ in 0..200 {
+            let n = 1 + (rng.next_u64() % 8) as usize;
+            let weights: Vec<(String, u32)> = (0..n)
+                .map(|i| (format!("e{i}"), (rng.next_u64() % 6) as u32))
+                .collect();
+            let total: usize = weights.iter().map(|(_, w)| *w as usize).sum();
+            let mut picker =
+                SmoothPicker::randomised(weights.iter().map(|(a, w)| (a.as_str(), *w)), &mut rng);
+            if total == 0 {
+                assert_eq!(picker.pick(), None);
+                continue;
+            }
+            let sequence = picks(&mut picker, total * 3);
+            for window in sequence.windows(total) {
+                for (addr, weight) in &weights {
+                    let got = window.iter().filter(|a| *a == addr).count();
+                    assert_eq!(got, *weight as usize, "{weights:?}");
+                }
+            }
+        }
     }
 
     #[test]
