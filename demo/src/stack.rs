@@ -377,6 +377,8 @@ pub struct EnvoyOptions {
     /// The sync-server replicas the plugin polls.
     pub sync_servers: Vec<SocketAddr>,
     pub concurrency: u32,
+    /// The HTTP filter's plugin configuration, if not the template's.
+    pub router_config: Option<String>,
 }
 
 impl Default for EnvoyOptions {
@@ -386,9 +388,13 @@ impl Default for EnvoyOptions {
             admin_port: 0,
             sync_servers: vec![],
             concurrency: 2,
+            router_config: None,
         }
     }
 }
+
+/// The router configuration as the template writes it.
+const TEMPLATE_ROUTER_CONFIG: &str = r#"'{"role": "router"}'"#;
 
 /// Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`.
 #[derive(Debug)]
@@ -448,7 +454,11 @@ impl Envoy {
         }
         let template = std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
         let config = dir.join("envoy.yaml");
-        let rendered = render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
+        let mut rendered =
+            render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
+        if let Some(router) = &options.router_config {
+            rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
+        }
         std::fs::write(&config, rendered).map_err(|e| e.to_string())?;
         let mut command = Command::new(envoy_bin());
         command

@@ -31,14 +31,19 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start(concurrency: u32) -> Mesh {
+        Self::start_with(EnvoyOptions {
+            concurrency,
+            ..EnvoyOptions::default()
+        })
+        .await
+    }
+
+    /// With these Envoy options (the sync-server address is filled in).
+    pub async fn start_with(mut options: EnvoyOptions) -> Mesh {
         let dir = tempfile::tempdir().expect("temporary dir");
         let etcd = Etcd::start(dir.path()).await.expect("etcd starts");
         let (sync_addr, sync_stop) = start_sync_server(&etcd).await;
-        let options = EnvoyOptions {
-            sync_servers: vec![sync_addr],
-            concurrency,
-            ..EnvoyOptions::default()
-        };
+        options.sync_servers = vec![sync_addr];
         let envoy = Envoy::start(dir.path(), options)
             .await
             .expect("envoy starts");
@@ -97,6 +102,30 @@ impl Mesh {
     pub fn etcd_endpoints(&self) -> Vec<String> {
         vec![self.etcd.endpoint()]
     }
+
+    /// Stops sync-server (its long-polls end, its port closes).
+    pub fn stop_sync_server(&mut self) {
+        self.sync_stop.cancel();
+    }
+
+    /// Starts sync-server again on the same address.
+    pub async fn restart_sync_server(&mut self) {
+        self.sync_stop.cancel();
+        let listener = wait_for("the sync-server port to be free", DEADLINE, || async {
+            TcpListener::bind(self.sync_addr).await.ok()
+        })
+        .await
+        .expect("port free again");
+        let (_, stop) = start_sync_server_on(&self.etcd, listener).await;
+        self.sync_stop = stop;
+    }
+
+    /// A number from sync-server's `/metrics`.
+    pub async fn sync_metric(&self, name: &str) -> Option<u64> {
+        let (_, body) = http_get(self.sync_addr, "/metrics").await.ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
 }
 
 impl Drop for Mesh {
@@ -108,6 +137,14 @@ impl Drop for Mesh {
 /// Runs sync-server in this runtime, watching the demo prefix.
 pub async fn start_sync_server(etcd: &Etcd) -> (SocketAddr, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    start_sync_server_on(etcd, listener).await
+}
+
+/// Runs sync-server on `listener`, watching the demo prefix.
+pub async fn start_sync_server_on(
+    etcd: &Etcd,
+    listener: TcpListener,
+) -> (SocketAddr, CancellationToken) {
     let addr = listener.local_addr().expect("local addr");
     let stop = CancellationToken::new();
     let config = sync_server::Config::new(
@@ -160,6 +197,12 @@ impl Backend {
             .await
             .expect("registers in etcd");
         self.registration = Some(registration);
+    }
+
+    /// Stops serving, as a crashed process would, leaving the registration
+    /// in etcd (its lease is still kept alive).
+    pub fn stop_serving(&self) {
+        self.stop.cancel();
     }
 
     /// Deletes the registration (the server keeps serving).

@@ -1,0 +1,273 @@
+//! The plugin in Envoy (`--concurrency 2`): one poller, smooth weighted
+//! picks, outlier ejection, and routing on through sync-server trouble.
+
+use etcd_mesh_demo::client::{say, split, Client};
+use etcd_mesh_demo::proto::SayRequest;
+use etcd_mesh_demo::stack::{http_get, wait_for, Envoy, EnvoyOptions};
+use etcd_mesh_e2e::{shares, Backend, Mesh, DEADLINE};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+async fn weighted(mesh: &Mesh, weights: &[u32]) -> Vec<Backend> {
+    let mut backends = Vec::new();
+    for weight in weights {
+        backends.push(Backend::registered(mesh.etcd_endpoints(), *weight).await);
+    }
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    mesh.settle(&addrs).await;
+    backends
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_poller_per_envoy_whatever_the_concurrency() {
+    let mesh = Mesh::start(2).await;
+    let _backends = weighted(&mesh, &[1]).await;
+    let clients = mesh.clients(4).await;
+    split(&clients, 40)
+        .await
+        .expect("calls succeed on both workers");
+    // Sampled over a while: never more than one long-poll from this Envoy.
+    let mut samples = Vec::new();
+    for _ in 0..10 {
+        samples.push(
+            mesh.sync_metric("sync_server_long_poll_waiters")
+                .await
+                .expect("metric"),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(samples.iter().all(|n| *n <= 1), "{samples:?}");
+    assert!(
+        samples.contains(&1),
+        "the poller holds a long-poll: {samples:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_thousand_calls_split_within_one_percent() {
+    let mesh = Mesh::start(2).await;
+    let backends = weighted(&mesh, &[1, 2, 3]).await;
+    let counts = split(&mesh.clients(8).await, 6_000)
+        .await
+        .expect("every call succeeds");
+    let shares: BTreeMap<String, f64> = shares(&counts).into_iter().collect();
+    for (backend, weight) in backends.iter().zip([1.0, 2.0, 3.0]) {
+        let share = shares
+            .get(&backend.addr.to_string())
+            .copied()
+            .unwrap_or(0.0);
+        let ideal = 100.0 * weight / 6.0;
+        assert!(
+            (share - ideal).abs() <= 1.0,
+            "{}: {share:.2}% vs {ideal:.2}%",
+            backend.addr
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_calls_after_a_change_spread_over_hosts() {
+    let mesh = Mesh::start(2).await;
+    let mut backends = weighted(&mesh, &[1, 2, 3]).await;
+    let clients = mesh.clients(6).await;
+    split(&clients, 60).await.expect("warm up both workers");
+    // The change: a fourth, heavy backend joins.
+    backends.push(Backend::registered(mesh.etcd_endpoints(), 3).await);
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    mesh.settle(&addrs).await;
+    let mut hosts = BTreeSet::new();
+    for client in &clients {
+        let mut client = client.clone();
+        hosts.insert(say(&mut client, SayRequest::default()).await.expect("call"));
+    }
+    assert!(
+        hosts.len() >= 3,
+        "the first 6 calls after the change went to {hosts:?}"
+    );
+}
+
+/// Sends `calls` calls one after another over `clients`; returns the
+/// failures' statuses, in order, with their index.
+async fn load(clients: &[Client], calls: usize, stop: &CancellationToken) -> Vec<(usize, Code)> {
+    let mut failures = Vec::new();
+    for i in 0..calls {
+        if stop.is_cancelled() {
+            break;
+        }
+        let mut client = clients[i % clients.len()].clone();
+        if let Err(status) = say(&mut client, SayRequest::default()).await {
+            failures.push((i, status.code()));
+        }
+    }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
+    let mut mesh = Mesh::start(2).await;
+    let _backends = weighted(&mesh, &[1, 1]).await;
+    let clients = mesh.clients(4).await;
+    let stop = CancellationToken::new();
+    let under_load = {
+        let (clients, stop) = (clients.clone(), stop.clone());
+        tokio::spawn(async move { load(&clients, 20_000, &stop).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mesh.stop_sync_server();
+    let polls_failed = "wasmcustom.etcd_mesh.polls_failed";
+    let failed_before = mesh.envoy.stat(polls_failed).await.unwrap_or(0);
+    wait_for("the poller to notice", DEADLINE, || async {
+        (mesh.envoy.stat(polls_failed).await? > failed_before).then_some(())
+    })
+    .await
+    .expect("polls fail while sync-server is away");
+    mesh.restart_sync_server().await;
+    // The restarted server's changes reach traffic again.
+    let late = Backend::registered(mesh.etcd_endpoints(), 1).await;
+    let wanted = late.addr.to_string();
+    wait_for("the new backend to take calls", DEADLINE, || {
+        let mut client = clients[0].clone();
+        let wanted = wanted.clone();
+        async move { (say(&mut client, SayRequest::default()).await.ok()? == wanted).then_some(()) }
+    })
+    .await
+    .expect("routing follows the restarted sync-server");
+    stop.cancel();
+    let failures = under_load.await.expect("load task");
+    assert!(failures.is_empty(), "failed calls: {failures:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_sync_server_keeps_the_last_tables() {
+    let mut mesh = Mesh::start(2).await;
+    let backends = weighted(&mesh, &[1]).await;
+    mesh.stop_sync_server();
+    // Something else answers on sync-server's port: 200 with garbage.
+    let impostor = std::net::TcpListener::bind(mesh.sync_addr).or_else(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        std::net::TcpListener::bind(mesh.sync_addr)
+    });
+    let impostor = impostor.expect("bind the impostor");
+    impostor.set_nonblocking(true).expect("nonblocking");
+    let stop = CancellationToken::new();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let impostor = {
+        let (stop, answered) = (stop.clone(), Arc::clone(&answered));
+        std::thread::spawn(move || {
+            while !stop.is_cancelled() && answered.load(Ordering::Relaxed) < 1_000 {
+                match impostor.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut buf = [0u8; 4096];
+                        let _ = conn.read(&mut buf);
+                        let body = "{\"revision\": 999999, \"services\": ";
+                        let _ = write!(conn, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+    let polls_failed = "wasmcustom.etcd_mesh.polls_failed";
+    wait_for("garbage to be served twice", DEADLINE, || async {
+        (answered.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await
+    .expect("the poller keeps asking");
+    let failed = mesh.envoy.stat(polls_failed).await.unwrap_or(0);
+    assert!(failed >= 1, "garbage counts as a failed poll");
+    let mut client = mesh.clients(1).await.remove(0);
+    for _ in 0..50 {
+        let served_by = say(&mut client, SayRequest::default())
+            .await
+            .expect("still routes");
+        assert_eq!(served_by, backends[0].addr.to_string());
+    }
+    assert!(mesh.envoy.stat("wasmcustom.etcd_mesh.table_revision").await < Some(999_999));
+    stop.cancel();
+    impostor.join().expect("impostor");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_still_registered_is_ejected() {
+    let mesh = Mesh::start(2).await;
+    let backends = weighted(&mesh, &[1, 1, 1]).await;
+    let clients = mesh.clients(4).await;
+    split(&clients, 30).await.expect("all up");
+    backends[0].stop_serving();
+    let never = CancellationToken::new();
+    let failures = load(&clients, 300, &never).await;
+    println!("failures while ejecting: {failures:?}");
+    // Each worker needs 5 failures in a row to eject; a few more may be in
+    // flight. Then nothing fails.
+    assert!(
+        failures.len() <= 12,
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        failures
+            .iter()
+            .all(|(i, code)| *i < 150 && *code == Code::Unavailable),
+        "{failures:?}"
+    );
+    assert!(
+        mesh.envoy
+            .stat("wasmcustom.etcd_mesh.ejections")
+            .await
+            .unwrap_or(0)
+            >= 1
+            || failures.is_empty()
+    );
+    let after = load(&clients, 100, &never).await;
+    assert!(after.is_empty(), "after ejection: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_named_by_a_header_through_a_name_map() {
+    let mesh = Mesh::start_with(EnvoyOptions {
+        router_config: Some(
+            r#"{"role": "router", "service_from": {"header": "x-service"}, "service_names": {"echo": "demo.Echo"}}"#.into(),
+        ),
+        ..EnvoyOptions::default()
+    })
+    .await;
+    let backend = Backend::registered(mesh.etcd_endpoints(), 1).await;
+    mesh.settle(&[backend.addr]).await;
+    let mut client = mesh.clients(1).await.remove(0);
+    let mut request = tonic::Request::new(SayRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-service", "echo".parse().expect("ascii"));
+    let response = client.say(request).await.expect("routed by the header");
+    assert_eq!(
+        etcd_mesh_demo::client::served_by(response.metadata()).expect("served by"),
+        backend.addr.to_string()
+    );
+    let status = say(&mut client, SayRequest::default())
+        .await
+        .expect_err("no header, no service");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_plugin_configuration_fails_loading_and_names_the_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = EnvoyOptions {
+        sync_servers: vec!["127.0.0.1:9".parse().expect("addr")],
+        router_config: Some(r#"{"role": "router", "no_endpoint_status": 99}"#.into()),
+        ..EnvoyOptions::default()
+    };
+    let err = Envoy::start(dir.path(), options)
+        .await
+        .expect_err("Envoy refuses the plugin");
+    assert!(err.contains("no_endpoint_status"), "{err}");
+    let _ = http_get; // (the admin interface never came up)
+}
