@@ -218,14 +218,13 @@ async fn a_dead_backend_still_registered_is_ejected() {
             .all(|(i, code)| *i < 150 && *code == Code::Unavailable),
         "{failures:?}"
     );
-    assert!(
-        mesh.envoy
-            .stat("wasmcustom.etcd_mesh.ejections")
-            .await
-            .unwrap_or(0)
-            >= 1
-            || failures.is_empty()
-    );
+    wait_for(
+        "the ejection to show in Envoy's stats",
+        DEADLINE,
+        || async { (mesh.envoy.stat("wasmcustom.etcd_mesh.ejections").await? >= 1).then_some(()) },
+    )
+    .await
+    .expect("counted");
     let after = load(&clients, 100, &never).await;
     assert!(after.is_empty(), "after ejection: {after:?}");
 }
