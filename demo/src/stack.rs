@@ -243,6 +243,9 @@ pub struct Etcd {
     peer: SocketAddr,
     dir: PathBuf,
     tls: Option<EtcdTlsFiles>,
+    name: String,
+    /// `--initial-cluster`; `None` for a single member.
+    cluster: Option<String>,
 }
 
 /// PEM files for an etcd that serves clients over TLS and requires a
@@ -269,6 +272,8 @@ impl Etcd {
             peer: SocketAddr::from(([127, 0, 0, 1], peer_port)),
             dir: dir.to_path_buf(),
             tls: None,
+            name: "mesh".into(),
+            cluster: None,
         };
         etcd.launch().await?;
         Ok(etcd)
@@ -283,6 +288,8 @@ impl Etcd {
             peer: SocketAddr::from(([127, 0, 0, 1], port()?)),
             dir: dir.to_path_buf(),
             tls: Some(tls),
+            name: "mesh".into(),
+            cluster: None,
         };
         etcd.launch().await?;
         Ok(etcd)
@@ -305,6 +312,11 @@ impl Etcd {
     }
 
     async fn launch(&mut self) -> Result<(), String> {
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://{}", self.client);
         let peer = format!("http://{}", self.peer);
@@ -337,9 +349,13 @@ impl Etcd {
                 .arg(&tls.key)
                 .arg("--client-cert-auth");
         }
-        let log = self.dir.join("etcd.log");
+        let log = self.dir.join(format!("etcd-{}.log", self.name));
         let proc = Proc::spawn("etcd", command, log).map_err(|e| e.to_string())?;
         self.proc = Some(proc);
+        Ok(())
+    }
+
+    async fn wait_ready(&self) -> Result<(), String> {
         let addr = self.client;
         let tls = self.tls.is_some();
         let ready = wait_for("etcd /health", Duration::from_secs(20), || async move {
@@ -364,6 +380,50 @@ impl Etcd {
             .as_ref()
             .map(|p| p.log_tail(20))
             .unwrap_or_default()
+    }
+}
+
+/// A multi-member etcd cluster on loopback.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members on free ports under `dir` and waits until
+    /// every one is healthy (which needs a quorum).
+    pub async fn start(dir: &Path, size: usize) -> Result<EtcdCluster, String> {
+        let port = || free_port().map_err(|e| e.to_string());
+        let mut members = Vec::with_capacity(size);
+        for i in 0..size {
+            members.push(Etcd {
+                proc: None,
+                client: SocketAddr::from(([127, 0, 0, 1], port()?)),
+                peer: SocketAddr::from(([127, 0, 0, 1], port()?)),
+                dir: dir.to_path_buf(),
+                tls: None,
+                name: format!("member{i}"),
+                cluster: None,
+            });
+        }
+        let cluster: Vec<String> = members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect();
+        let cluster = cluster.join(",");
+        for member in &mut members {
+            member.cluster = Some(cluster.clone());
+            member.spawn()?;
+        }
+        for member in &members {
+            member.wait_ready().await?;
+        }
+        Ok(EtcdCluster { members })
+    }
+
+    /// Every member's `host:port`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Etcd::endpoint).collect()
     }
 }
 

@@ -100,6 +100,7 @@ async fn run() -> Result<(), String> {
         admin_port: ADMIN_PORT,
         sync_servers: vec![sync_addr],
         concurrency: 2,
+        ..EnvoyOptions::default()
     };
     let envoy = Envoy::start(logs, options).await?;
     println!(
