@@ -320,11 +320,15 @@ impl Etcd {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://{}", self.client);
         let peer = format!("http://{}", self.peer);
+        let cluster = self
+            .cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={peer}", self.name));
         let mut command = Command::new("etcd");
         command
-            .args(["--name", "mesh"])
+            .args(["--name", &self.name])
             .arg("--data-dir")
-            .arg(self.dir.join("etcd-data"))
+            .arg(self.dir.join(format!("etcd-data-{}", self.name)))
             .args([
                 "--listen-client-urls",
                 &client,
@@ -337,7 +341,7 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &peer,
             ])
-            .args(["--initial-cluster", &format!("mesh={peer}")])
+            .args(["--initial-cluster", &cluster])
             .args(["--log-level", "warn"]);
         if let Some(tls) = &self.tls {
             command

@@ -1,10 +1,10 @@
 //! The plugin in Envoy (`--concurrency 2`): one poller, smooth weighted
 //! picks, outlier ejection, and routing on through sync-server trouble.
 
-use etcd_mesh_demo::client::{say, split, Client};
+use etcd_mesh_demo::client::{say, split};
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{http_get, wait_for, Envoy, EnvoyOptions};
-use etcd_mesh_e2e::{shares, Backend, Mesh, DEADLINE};
+use etcd_mesh_e2e::{load, shares, Backend, Mesh, DEADLINE};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,22 +91,6 @@ async fn the_first_calls_after_a_change_spread_over_hosts() {
     );
 }
 
-/// Sends `calls` calls one after another over `clients`; returns the
-/// failures' statuses, in order, with their index.
-async fn load(clients: &[Client], calls: usize, stop: &CancellationToken) -> Vec<(usize, Code)> {
-    let mut failures = Vec::new();
-    for i in 0..calls {
-        if stop.is_cancelled() {
-            break;
-        }
-        let mut client = clients[i % clients.len()].clone();
-        if let Err(status) = say(&mut client, SayRequest::default()).await {
-            failures.push((i, status.code()));
-        }
-    }
-    failures
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
     let mut mesh = Mesh::start(2).await;
@@ -138,7 +122,7 @@ async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
     .await
     .expect("routing follows the restarted sync-server");
     stop.cancel();
-    let failures = under_load.await.expect("load task");
+    let (_, failures) = under_load.await.expect("load task");
     assert!(failures.is_empty(), "failed calls: {failures:?}");
 }
 
@@ -203,7 +187,7 @@ async fn a_dead_backend_still_registered_is_ejected() {
     split(&clients, 30).await.expect("all up");
     backends[0].stop_serving();
     let never = CancellationToken::new();
-    let failures = load(&clients, 300, &never).await;
+    let (_, failures) = load(&clients, 300, &never).await;
     println!("failures while ejecting: {failures:?}");
     // Each worker needs 5 failures in a row to eject; a few more may be in
     // flight. Then nothing fails.
@@ -225,7 +209,7 @@ async fn a_dead_backend_still_registered_is_ejected() {
     )
     .await
     .expect("counted");
-    let after = load(&clients, 100, &never).await;
+    let (_, after) = load(&clients, 100, &never).await;
     assert!(after.is_empty(), "after ejection: {after:?}");
 }
 

@@ -116,7 +116,7 @@ impl Mesh {
         })
         .await
         .expect("port free again");
-        let (_, stop) = start_sync_server_on(&self.etcd, listener).await;
+        let (_, stop) = start_sync_server_on(self.etcd_endpoints(), listener).await;
         self.sync_stop = stop;
     }
 
@@ -137,18 +137,18 @@ impl Drop for Mesh {
 /// Runs sync-server in this runtime, watching the demo prefix.
 pub async fn start_sync_server(etcd: &Etcd) -> (SocketAddr, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    start_sync_server_on(etcd, listener).await
+    start_sync_server_on(vec![etcd.endpoint()], listener).await
 }
 
 /// Runs sync-server on `listener`, watching the demo prefix.
 pub async fn start_sync_server_on(
-    etcd: &Etcd,
+    etcd: Vec<String>,
     listener: TcpListener,
 ) -> (SocketAddr, CancellationToken) {
     let addr = listener.local_addr().expect("local addr");
     let stop = CancellationToken::new();
     let config = sync_server::Config::new(
-        EtcdOptions::new(vec![etcd.endpoint()]),
+        EtcdOptions::new(etcd),
         vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
     );
     tokio::spawn(sync_server::run(config, listener, stop.clone()));
@@ -217,6 +217,45 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// What a load run did: calls sent, and the failures (index, status).
+pub type LoadReport = (usize, Vec<(usize, tonic::Code)>);
+
+/// Sends up to `calls` calls one after another over `clients` until
+/// `stop`.
+pub async fn load(
+    clients: &[client::Client],
+    calls: usize,
+    stop: &CancellationToken,
+) -> LoadReport {
+    let mut failures = Vec::new();
+    let mut sent = 0;
+    for i in 0..calls {
+        if stop.is_cancelled() {
+            break;
+        }
+        let mut client = clients[i % clients.len()].clone();
+        sent += 1;
+        let request = etcd_mesh_demo::proto::SayRequest::default();
+        if let Err(status) = client::say(&mut client, request).await {
+            failures.push((i, status.code()));
+        }
+    }
+    (sent, failures)
+}
+
+/// Runs [`load`] in the background until the returned token is cancelled.
+pub fn background_load(
+    clients: Vec<client::Client>,
+    calls: usize,
+) -> (CancellationToken, tokio::task::JoinHandle<LoadReport>) {
+    let stop = CancellationToken::new();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { load(&clients, calls, &stop).await })
+    };
+    (stop, task)
 }
 
 /// Each backend's share of `counts`, in percent.

@@ -1,0 +1,263 @@
+//! What production does to the mesh, each under a bounded load of calls
+//! through Envoy that must not see a single failure.
+
+use etcd_client::{Client as EtcdClient, PutOptions};
+use etcd_mesh_demo::client::say;
+use etcd_mesh_demo::proto::SayRequest;
+use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
+use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
+use etcd_mesh_e2e::{background_load, start_sync_server_on, Backend, Mesh, DEADLINE};
+use etcd_mesh_wire::Snapshot;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+
+/// Up to this many calls per scenario; each ends well before.
+const MAX_CALLS: usize = 200_000;
+
+async fn listed(sync: SocketAddr) -> Option<Snapshot> {
+    let (status, body) = etcd_mesh_demo::stack::http_get(sync, "/v1/snapshot")
+        .await
+        .ok()?;
+    Snapshot::decode(body.as_bytes())
+        .ok()
+        .filter(|_| status == 200)
+}
+
+fn addrs(snapshot: &Snapshot) -> BTreeSet<String> {
+    snapshot
+        .services
+        .get(DEMO_SERVICE)
+        .map(|s| s.endpoints.iter().map(|e| e.addr.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until sync-server at `sync` lists exactly `want` and the plugin
+/// holds that revision.
+async fn settle_on(sync: SocketAddr, envoy: &Envoy, want: &[SocketAddr]) {
+    let want: BTreeSet<String> = want.iter().map(ToString::to_string).collect();
+    let revision = wait_for("sync-server to list the backends", DEADLINE, || async {
+        let snapshot = listed(sync).await?;
+        (addrs(&snapshot) == want && !snapshot.stale).then_some(snapshot.revision)
+    })
+    .await
+    .expect("listed");
+    envoy
+        .wait_for_revision(revision, DEADLINE)
+        .await
+        .expect("the plugin follows");
+}
+
+async fn wait_until_served(client: &etcd_mesh_demo::client::Client, addr: SocketAddr) {
+    let wanted = addr.to_string();
+    wait_for(&format!("{wanted} to take calls"), DEADLINE, || {
+        let mut client = client.clone();
+        let wanted = wanted.clone();
+        async move { (say(&mut client, SayRequest::default()).await.ok()? == wanted).then_some(()) }
+    })
+    .await
+    .expect("served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_member_killed_and_restarted_under_load() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = EtcdCluster::start(dir.path(), 3)
+        .await
+        .expect("a 3-member cluster");
+    let endpoints = cluster.endpoints();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (sync, _sync_stop) = start_sync_server_on(endpoints.clone(), listener).await;
+    let options = EnvoyOptions {
+        sync_servers: vec![sync],
+        ..EnvoyOptions::default()
+    };
+    let envoy = Envoy::start(dir.path(), options).await.expect("envoy");
+    let mut backends = Vec::new();
+    for weight in [1, 2] {
+        backends.push(Backend::registered(endpoints.clone(), weight).await);
+    }
+    let addrs_now: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    settle_on(sync, &envoy, &addrs_now).await;
+    let clients = {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(
+                etcd_mesh_demo::client::connect(envoy.listen)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        clients
+    };
+    let (stop, load) = background_load(clients.clone(), MAX_CALLS);
+
+    for member in 0..3 {
+        cluster.members[member].kill();
+        // A registration made while a member is down is not lost.
+        let mut joined = Backend::registered(endpoints.clone(), 1).await;
+        let mut expected = addrs_now.clone();
+        expected.push(joined.addr);
+        settle_on(sync, &envoy, &expected).await;
+        wait_until_served(&clients[0], joined.addr).await;
+        joined.deregister().await;
+        settle_on(sync, &envoy, &addrs_now).await;
+        cluster.members[member]
+            .restart()
+            .await
+            .expect("member restarts");
+    }
+    stop.cancel();
+    let (sent, failures) = load.await.expect("load");
+    assert!(sent > 100, "the load ran ({sent} calls)");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} calls failed: {failures:?}",
+        failures.len()
+    );
+    let snapshot = listed(sync).await.expect("snapshot");
+    for backend in &backends {
+        assert!(
+            addrs(&snapshot).contains(&backend.addr.to_string()),
+            "lost {}",
+            backend.addr
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_server_replica_killed_under_load() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = etcd_mesh_demo::stack::Etcd::start(dir.path())
+        .await
+        .expect("etcd");
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        replicas.push(start_sync_server_on(vec![etcd.endpoint()], listener).await);
+    }
+    let options = EnvoyOptions {
+        sync_servers: replicas.iter().map(|(addr, _)| *addr).collect(),
+        ..EnvoyOptions::default()
+    };
+    let envoy = Envoy::start(dir.path(), options).await.expect("envoy");
+    let first = Backend::registered(vec![etcd.endpoint()], 1).await;
+    settle_on(replicas[1].0, &envoy, &[first.addr]).await;
+    let client = etcd_mesh_demo::client::connect(envoy.listen)
+        .await
+        .expect("connect");
+    let (stop, load) = background_load(vec![client.clone(); 4], MAX_CALLS);
+
+    // Kill one replica; changes keep reaching traffic through the other.
+    let (survivor, _) = &replicas[1];
+    replicas[0].1.cancel();
+    for _ in 0..3 {
+        let mut joined = Backend::registered(vec![etcd.endpoint()], 1).await;
+        settle_on(*survivor, &envoy, &[first.addr, joined.addr]).await;
+        wait_until_served(&client, joined.addr).await;
+        joined.deregister().await;
+        settle_on(*survivor, &envoy, &[first.addr]).await;
+    }
+    stop.cancel();
+    let (sent, failures) = load.await.expect("load");
+    assert!(sent > 100, "the load ran ({sent} calls)");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} calls failed: {failures:?}",
+        failures.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted_under_load() {
+    let mut mesh = Mesh::start(2).await;
+    let mut backends = Vec::new();
+    for weight in [1, 3] {
+        backends.push(Backend::registered(mesh.etcd_endpoints(), weight).await);
+    }
+    let addrs_now: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    mesh.settle(&addrs_now).await;
+    let clients = mesh.clients(4).await;
+    let (stop, load) = background_load(clients.clone(), MAX_CALLS);
+    for _ in 0..2 {
+        mesh.etcd.restart().await.expect("etcd restarts");
+        // The registrations are back (or never left) and changes flow again.
+        let mut joined = Backend::registered(mesh.etcd_endpoints(), 1).await;
+        let mut expected = addrs_now.clone();
+        expected.push(joined.addr);
+        settle_on(mesh.sync_addr, &mesh.envoy, &expected).await;
+        wait_until_served(&clients[0], joined.addr).await;
+        joined.deregister().await;
+        settle_on(mesh.sync_addr, &mesh.envoy, &addrs_now).await;
+    }
+    stop.cancel();
+    let (sent, failures) = load.await.expect("load");
+    assert!(sent > 100, "the load ran ({sent} calls)");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} calls failed: {failures:?}",
+        failures.len()
+    );
+}
+
+/// Sets a registration's weight in place, keeping its lease, as
+/// `etcd-mesh-register set-weight` does.
+async fn set_weight(etcd: &[String], addr: SocketAddr, weight: u32) {
+    let mut client = EtcdClient::connect(etcd, None).await.expect("etcd");
+    let value = format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#);
+    let key = format!("{DEMO_PREFIX}{DEMO_SERVICE}/{addr}");
+    client
+        .put(key, value, Some(PutOptions::new().with_ignore_lease()))
+        .await
+        .expect("put");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_through_graceful_drain() {
+    let mesh = Mesh::start(2).await;
+    let weights = [1, 2, 3];
+    let mut backends = Vec::new();
+    for weight in weights {
+        backends.push(Backend::registered(mesh.etcd_endpoints(), weight).await);
+    }
+    mesh.settle(&backends.iter().map(|b| b.addr).collect::<Vec<_>>())
+        .await;
+    let clients = mesh.clients(4).await;
+    let (stop, load) = background_load(clients.clone(), MAX_CALLS);
+    for (i, weight) in weights.into_iter().enumerate() {
+        // Drain: weight 0 until the plugin has it, then deregister, then stop.
+        let old = backends[i].addr;
+        set_weight(&mesh.etcd_endpoints(), old, 0).await;
+        wait_for("the drain to reach the plugin", DEADLINE, || async {
+            let snapshot = listed(mesh.sync_addr).await?;
+            let drained = snapshot
+                .services
+                .get(DEMO_SERVICE)?
+                .endpoints
+                .iter()
+                .any(|e| e.addr == old.to_string() && e.weight == 0);
+            let held = mesh
+                .envoy
+                .stat("wasmcustom.etcd_mesh.table_revision")
+                .await?;
+            (drained && held >= snapshot.revision).then_some(())
+        })
+        .await
+        .expect("drained");
+        backends[i].deregister().await;
+        backends[i].stop_serving();
+        // Its replacement comes up under a new address.
+        backends[i] = Backend::registered(mesh.etcd_endpoints(), weight).await;
+        mesh.settle(&backends.iter().map(|b| b.addr).collect::<Vec<_>>())
+            .await;
+        wait_until_served(&clients[0], backends[i].addr).await;
+    }
+    stop.cancel();
+    let (sent, failures) = load.await.expect("load");
+    assert!(sent > 100, "the load ran ({sent} calls)");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} calls failed: {failures:?}",
+        failures.len()
+    );
+}
