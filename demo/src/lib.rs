@@ -18,3 +18,17 @@ pub mod proto {
 pub const DEMO_PREFIX: &str = "etcd-mesh/";
 /// The gRPC service name of the demo.
 pub const DEMO_SERVICE: &str = "demo.Echo";
+
+/// Waits for SIGTERM or Ctrl-C.
+pub async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

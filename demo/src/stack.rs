@@ -538,21 +538,23 @@ impl Envoy {
             admin,
             config,
         };
-        let ready = wait_for("Envoy /ready", Duration::from_secs(30), || async move {
-            match http_get(admin, "/ready").await {
-                Ok((200, _)) => Some(()),
-                _ => None,
+        // Ready, or gone (a configuration Envoy refuses): whichever comes first.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if envoy.proc.exited() {
+                return Err(format!("Envoy exited\n{}", envoy.proc.log_tail(30)));
             }
-        })
-        .await;
-        if let Err(e) = ready {
-            let exited = envoy.proc.exited();
-            return Err(format!(
-                "{e} (exited: {exited})\n{}",
-                envoy.proc.log_tail(30)
-            ));
+            if let Ok((200, _)) = http_get(admin, "/ready").await {
+                return Ok(envoy);
+            }
+            if Instant::now() >= deadline {
+                let tail = envoy.proc.log_tail(30);
+                return Err(format!(
+                    "timed out after 30s waiting for Envoy /ready\n{tail}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(envoy)
     }
 
     /// A stat from the admin interface (`wasmcustom.etcd_mesh.*` for the

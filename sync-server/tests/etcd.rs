@@ -105,6 +105,21 @@ async fn client(etcd: &Etcd) -> Client {
         .expect("connect etcd")
 }
 
+/// Puts a key, then compacts all history up to that write.
+async fn put_then_compact(c: &mut Client, key: &str, value: &str) -> i64 {
+    let revision = c
+        .put(key, value, None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    c.compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .expect("compact");
+    revision
+}
+
 fn naming(addr: &str, weight: u32) -> String {
     format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#)
 }
@@ -186,16 +201,12 @@ async fn compaction_during_the_watch_and_while_away_loses_nothing() {
     server.ready().await;
 
     // Compact everything while the watch runs; changes keep flowing.
-    let revision = c
-        .put("svc/s/127.0.0.1:20006", naming("127.0.0.1:20006", 1), None)
-        .await
-        .expect("put")
-        .header()
-        .expect("header")
-        .revision();
-    c.compact(revision, Some(CompactionOptions::new().with_physical()))
-        .await
-        .expect("compact");
+    put_then_compact(
+        &mut c,
+        "svc/s/127.0.0.1:20006",
+        &naming("127.0.0.1:20006", 1),
+    )
+    .await;
     c.delete("svc/s/127.0.0.1:20001", None)
         .await
         .expect("delete");
@@ -217,16 +228,12 @@ async fn compaction_during_the_watch_and_while_away_loses_nothing() {
     c.delete("svc/s/127.0.0.1:20002", None)
         .await
         .expect("delete");
-    let revision = c
-        .put("svc/s/127.0.0.1:20007", naming("127.0.0.1:20007", 2), None)
-        .await
-        .expect("put")
-        .header()
-        .expect("header")
-        .revision();
-    c.compact(revision, Some(CompactionOptions::new().with_physical()))
-        .await
-        .expect("compact");
+    let revision = put_then_compact(
+        &mut c,
+        "svc/s/127.0.0.1:20007",
+        &naming("127.0.0.1:20007", 2),
+    )
+    .await;
     let snapshot = server
         .until("the view after restart and compaction", |s| {
             s.revision >= revision as u64 && !s.stale

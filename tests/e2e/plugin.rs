@@ -4,8 +4,8 @@
 use etcd_mesh_demo::client::{say, split};
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{http_get, wait_for, Envoy, EnvoyOptions};
-use etcd_mesh_e2e::{load, shares, Backend, Mesh, DEADLINE};
-use std::collections::{BTreeMap, BTreeSet};
+use etcd_mesh_e2e::{assert_split, load, Backend, Mesh, DEADLINE};
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,20 +13,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-async fn weighted(mesh: &Mesh, weights: &[u32]) -> Vec<Backend> {
-    let mut backends = Vec::new();
-    for weight in weights {
-        backends.push(Backend::registered(mesh.etcd_endpoints(), *weight).await);
-    }
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    mesh.settle(&addrs).await;
-    backends
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_poller_per_envoy_whatever_the_concurrency() {
     let mesh = Mesh::start(2).await;
-    let _backends = weighted(&mesh, &[1]).await;
+    let _backends = mesh.weighted_backends(&[1]).await;
     let clients = mesh.clients(4).await;
     split(&clients, 40)
         .await
@@ -51,29 +41,17 @@ async fn one_poller_per_envoy_whatever_the_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_thousand_calls_split_within_one_percent() {
     let mesh = Mesh::start(2).await;
-    let backends = weighted(&mesh, &[1, 2, 3]).await;
+    let backends = mesh.weighted_backends(&[1, 2, 3]).await;
     let counts = split(&mesh.clients(8).await, 6_000)
         .await
         .expect("every call succeeds");
-    let shares: BTreeMap<String, f64> = shares(&counts).into_iter().collect();
-    for (backend, weight) in backends.iter().zip([1.0, 2.0, 3.0]) {
-        let share = shares
-            .get(&backend.addr.to_string())
-            .copied()
-            .unwrap_or(0.0);
-        let ideal = 100.0 * weight / 6.0;
-        assert!(
-            (share - ideal).abs() <= 1.0,
-            "{}: {share:.2}% vs {ideal:.2}%",
-            backend.addr
-        );
-    }
+    assert_split(&counts, &backends, &[1, 2, 3], 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_calls_after_a_change_spread_over_hosts() {
     let mesh = Mesh::start(2).await;
-    let mut backends = weighted(&mesh, &[1, 2, 3]).await;
+    let mut backends = mesh.weighted_backends(&[1, 2, 3]).await;
     let clients = mesh.clients(6).await;
     split(&clients, 60).await.expect("warm up both workers");
     // The change: a fourth, heavy backend joins.
@@ -94,7 +72,7 @@ async fn the_first_calls_after_a_change_spread_over_hosts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
     let mut mesh = Mesh::start(2).await;
-    let _backends = weighted(&mesh, &[1, 1]).await;
+    let _backends = mesh.weighted_backends(&[1, 1]).await;
     let clients = mesh.clients(4).await;
     let stop = CancellationToken::new();
     let under_load = {
@@ -129,7 +107,7 @@ async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_sync_server_keeps_the_last_tables() {
     let mut mesh = Mesh::start(2).await;
-    let backends = weighted(&mesh, &[1]).await;
+    let backends = mesh.weighted_backends(&[1]).await;
     mesh.stop_sync_server();
     // Something else answers on sync-server's port: 200 with garbage.
     let impostor = std::net::TcpListener::bind(mesh.sync_addr).or_else(|_| {
@@ -182,7 +160,7 @@ async fn garbage_from_sync_server_keeps_the_last_tables() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_backend_still_registered_is_ejected() {
     let mesh = Mesh::start(2).await;
-    let backends = weighted(&mesh, &[1, 1, 1]).await;
+    let backends = mesh.weighted_backends(&[1, 1, 1]).await;
     let clients = mesh.clients(4).await;
     split(&clients, 30).await.expect("all up");
     backends[0].stop_serving();

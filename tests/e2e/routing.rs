@@ -4,25 +4,15 @@
 use etcd_mesh_demo::client::{say, split};
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::wait_for;
-use etcd_mesh_e2e::{shares, Backend, Mesh, DEADLINE};
+use etcd_mesh_e2e::{assert_split, Backend, Mesh, DEADLINE};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-async fn weighted_backends(mesh: &Mesh) -> Vec<Backend> {
-    let mut backends = Vec::new();
-    for weight in [1, 2, 3] {
-        backends.push(Backend::registered(mesh.etcd_endpoints(), weight).await);
-    }
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    mesh.settle(&addrs).await;
-    backends
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_worker_splits_600_calls_exactly_by_weight() {
     let mesh = Mesh::start(1).await;
-    let backends = weighted_backends(&mesh).await;
+    let backends = mesh.weighted_backends(&[1, 2, 3]).await;
     let counts = split(&mesh.clients(4).await, 600)
         .await
         .expect("every call succeeds");
@@ -37,25 +27,13 @@ async fn one_worker_splits_600_calls_exactly_by_weight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_within_two_percent() {
     let mesh = Mesh::start(2).await;
-    let backends = weighted_backends(&mesh).await;
+    let backends = mesh.weighted_backends(&[1, 2, 3]).await;
     // Several connections, so that both workers take calls.
     let counts = split(&mesh.clients(8).await, 600)
         .await
         .expect("every call succeeds");
     assert_eq!(counts.values().sum::<usize>(), 600);
-    let shares: BTreeMap<String, f64> = shares(&counts).into_iter().collect();
-    for (backend, weight) in backends.iter().zip([1.0, 2.0, 3.0]) {
-        let share = shares
-            .get(&backend.addr.to_string())
-            .copied()
-            .unwrap_or(0.0);
-        let ideal = 100.0 * weight / 6.0;
-        assert!(
-            (share - ideal).abs() <= 2.0,
-            "{} took {share:.2}%, ideal {ideal:.2}%: {counts:?}",
-            backend.addr
-        );
-    }
+    assert_split(&counts, &backends, &[1, 2, 3], 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

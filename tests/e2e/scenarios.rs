@@ -59,6 +59,39 @@ async fn wait_until_served(client: &etcd_mesh_demo::client::Client, addr: Socket
     .expect("served");
 }
 
+/// Proves changes still reach traffic: a new backend registers, takes a
+/// call, deregisters, and the tables are back to `base`.
+async fn a_change_flows(
+    etcd: Vec<String>,
+    sync: SocketAddr,
+    envoy: &Envoy,
+    base: &[SocketAddr],
+    client: &etcd_mesh_demo::client::Client,
+) {
+    let mut joined = Backend::registered(etcd, 1).await;
+    let mut expected = base.to_vec();
+    expected.push(joined.addr);
+    settle_on(sync, envoy, &expected).await;
+    wait_until_served(client, joined.addr).await;
+    joined.deregister().await;
+    settle_on(sync, envoy, base).await;
+}
+
+/// Stops a background load and asserts that it ran and nothing failed.
+async fn assert_no_failed_call(
+    stop: tokio_util::sync::CancellationToken,
+    load: tokio::task::JoinHandle<etcd_mesh_e2e::LoadReport>,
+) {
+    stop.cancel();
+    let (sent, failures) = load.await.expect("load");
+    assert!(sent > 100, "the load ran ({sent} calls)");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} calls failed: {failures:?}",
+        failures.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_member_killed_and_restarted_under_load() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -95,26 +128,13 @@ async fn an_etcd_member_killed_and_restarted_under_load() {
     for member in 0..3 {
         cluster.members[member].kill();
         // A registration made while a member is down is not lost.
-        let mut joined = Backend::registered(endpoints.clone(), 1).await;
-        let mut expected = addrs_now.clone();
-        expected.push(joined.addr);
-        settle_on(sync, &envoy, &expected).await;
-        wait_until_served(&clients[0], joined.addr).await;
-        joined.deregister().await;
-        settle_on(sync, &envoy, &addrs_now).await;
+        a_change_flows(endpoints.clone(), sync, &envoy, &addrs_now, &clients[0]).await;
         cluster.members[member]
             .restart()
             .await
             .expect("member restarts");
     }
-    stop.cancel();
-    let (sent, failures) = load.await.expect("load");
-    assert!(sent > 100, "the load ran ({sent} calls)");
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} calls failed: {failures:?}",
-        failures.len()
-    );
+    assert_no_failed_call(stop, load).await;
     let snapshot = listed(sync).await.expect("snapshot");
     for backend in &backends {
         assert!(
@@ -152,20 +172,16 @@ async fn a_sync_server_replica_killed_under_load() {
     let (survivor, _) = &replicas[1];
     replicas[0].1.cancel();
     for _ in 0..3 {
-        let mut joined = Backend::registered(vec![etcd.endpoint()], 1).await;
-        settle_on(*survivor, &envoy, &[first.addr, joined.addr]).await;
-        wait_until_served(&client, joined.addr).await;
-        joined.deregister().await;
-        settle_on(*survivor, &envoy, &[first.addr]).await;
+        a_change_flows(
+            vec![etcd.endpoint()],
+            *survivor,
+            &envoy,
+            &[first.addr],
+            &client,
+        )
+        .await;
     }
-    stop.cancel();
-    let (sent, failures) = load.await.expect("load");
-    assert!(sent > 100, "the load ran ({sent} calls)");
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} calls failed: {failures:?}",
-        failures.len()
-    );
+    assert_no_failed_call(stop, load).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,22 +198,10 @@ async fn etcd_restarted_under_load() {
     for _ in 0..2 {
         mesh.etcd.restart().await.expect("etcd restarts");
         // The registrations are back (or never left) and changes flow again.
-        let mut joined = Backend::registered(mesh.etcd_endpoints(), 1).await;
-        let mut expected = addrs_now.clone();
-        expected.push(joined.addr);
-        settle_on(mesh.sync_addr, &mesh.envoy, &expected).await;
-        wait_until_served(&clients[0], joined.addr).await;
-        joined.deregister().await;
-        settle_on(mesh.sync_addr, &mesh.envoy, &addrs_now).await;
+        let etcd = mesh.etcd_endpoints();
+        a_change_flows(etcd, mesh.sync_addr, &mesh.envoy, &addrs_now, &clients[0]).await;
     }
-    stop.cancel();
-    let (sent, failures) = load.await.expect("load");
-    assert!(sent > 100, "the load ran ({sent} calls)");
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} calls failed: {failures:?}",
-        failures.len()
-    );
+    assert_no_failed_call(stop, load).await;
 }
 
 /// Sets a registration's weight in place, keeping its lease, as
@@ -252,12 +256,5 @@ async fn a_rolling_restart_through_graceful_drain() {
             .await;
         wait_until_served(&clients[0], backends[i].addr).await;
     }
-    stop.cancel();
-    let (sent, failures) = load.await.expect("load");
-    assert!(sent > 100, "the load ran ({sent} calls)");
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} calls failed: {failures:?}",
-        failures.len()
-    );
+    assert_no_failed_call(stop, load).await;
 }

@@ -258,11 +258,37 @@ pub fn background_load(
     (stop, task)
 }
 
-/// Each backend's share of `counts`, in percent.
-pub fn shares(counts: &std::collections::BTreeMap<String, usize>) -> Vec<(String, f64)> {
+impl Mesh {
+    /// Registers one backend per weight and waits until Envoy has them.
+    pub async fn weighted_backends(&self, weights: &[u32]) -> Vec<Backend> {
+        let mut backends = Vec::new();
+        for weight in weights {
+            backends.push(Backend::registered(self.etcd_endpoints(), *weight).await);
+        }
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        self.settle(&addrs).await;
+        backends
+    }
+}
+
+/// Asserts that each backend's share of `counts` is within `tolerance`
+/// percentage points of its weight's share.
+pub fn assert_split(
+    counts: &std::collections::BTreeMap<String, usize>,
+    backends: &[Backend],
+    weights: &[u32],
+    tolerance: f64,
+) {
     let total: usize = counts.values().sum();
-    counts
-        .iter()
-        .map(|(addr, n)| (addr.clone(), 100.0 * *n as f64 / total.max(1) as f64))
-        .collect()
+    let total_weight: u32 = weights.iter().sum();
+    for (backend, weight) in backends.iter().zip(weights) {
+        let served = counts.get(&backend.addr.to_string()).copied().unwrap_or(0);
+        let share = 100.0 * served as f64 / total.max(1) as f64;
+        let ideal = 100.0 * f64::from(*weight) / f64::from(total_weight);
+        assert!(
+            (share - ideal).abs() <= tolerance,
+            "{} took {share:.2}%, ideal {ideal:.2}% (±{tolerance}): {counts:?}",
+            backend.addr
+        );
+    }
 }

@@ -49,12 +49,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ttl(Duration::from_secs(cli.ttl));
     let registration = Registration::start(cli.etcd, instance)?;
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    etcd_mesh_demo::wait_for_stop_signal().await;
     registration.deregister().await;
     stop.cancel();
     server.await??;

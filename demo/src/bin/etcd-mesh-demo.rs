@@ -9,7 +9,7 @@ use etcd_mesh_demo::client::{connect, split};
 use etcd_mesh_demo::stack::{
     ensure_free, free_port, http_get, wait_for, Envoy, EnvoyOptions, Etcd, Proc,
 };
-use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
+use etcd_mesh_demo::{wait_for_stop_signal, DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_wire::Snapshot;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -156,17 +156,4 @@ async fn run() -> Result<(), String> {
     drop(sync);
     drop(etcd);
     Ok(())
-}
-
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
