@@ -16,7 +16,7 @@ wasm: setup
 
 # The plugin .wasm and the native binaries (sync-server, demo).
 build: wasm
-	$(CARGO) build --release -p sync-server -p etcd-mesh-demo
+	$(CARGO) build --release -p sync-server -p etcd-mesh-demo -p etcd-mesh-registration
 
 # The demo: etcd, sync-server, three backends and Envoy on loopback.
 run: build

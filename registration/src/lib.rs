@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+
 use etcd_client::{Client, ConnectOptions, PutOptions};
 use etcd_mesh_wire::{parse_addr, MAX_WEIGHT};
 use std::collections::BTreeMap;
@@ -128,6 +130,7 @@ pub enum State {
 #[derive(Debug)]
 pub struct Registration {
     state: watch::Receiver<State>,
+    weight: watch::Sender<u32>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -146,9 +149,31 @@ impl Registration {
         let (state_tx, state) = watch::channel(State::Retrying {
             reason: "starting".into(),
         });
+        let (weight, weight_rx) = watch::channel(instance.weight);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(keep_registered(endpoints, instance, state_tx, stop.clone()));
-        Ok(Registration { state, stop, task })
+        let task = tokio::spawn(keep_registered(
+            endpoints,
+            instance,
+            state_tx,
+            weight_rx,
+            stop.clone(),
+        ));
+        Ok(Registration {
+            state,
+            weight,
+            stop,
+            task,
+        })
+    }
+
+    /// Changes the registered weight: written at once under the current
+    /// lease, or with the next registration if etcd is away.
+    pub fn set_weight(&self, weight: u32) -> Result<(), InstanceError> {
+        if weight > MAX_WEIGHT {
+            return Err(InstanceError::Weight(weight));
+        }
+        self.weight.send_replace(weight);
+        Ok(())
     }
 
     pub fn state(&self) -> State {
@@ -201,14 +226,16 @@ async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
 
 async fn keep_registered(
     endpoints: Vec<String>,
-    instance: Instance,
+    mut instance: Instance,
     state: watch::Sender<State>,
+    mut weight: watch::Receiver<u32>,
     stop: CancellationToken,
 ) {
     let key = instance.key();
     let mut retry = FIRST_RETRY;
     loop {
-        let outcome = hold_lease(&endpoints, &instance, &state, &stop).await;
+        instance.weight = *weight.borrow_and_update();
+        let outcome = hold_lease(&endpoints, &mut instance, &state, &mut weight, &stop).await;
         match outcome {
             Ok((mut client, lease)) => {
                 // Stopping: remove the key now rather than after the TTL.
@@ -247,8 +274,9 @@ async fn keep_registered(
 /// (returning the client and lease for cleanup) or until it is lost.
 async fn hold_lease(
     endpoints: &[String],
-    instance: &Instance,
+    instance: &mut Instance,
     state: &watch::Sender<State>,
+    weight: &mut watch::Receiver<u32>,
     stop: &CancellationToken,
 ) -> Result<(Client, i64), String> {
     let ttl_secs = i64::try_from(instance.ttl.as_secs()).unwrap_or(i64::MAX);
@@ -262,7 +290,7 @@ async fn hold_lease(
         let keepalive = client.lease_keep_alive(lease).await?;
         Ok::<_, etcd_client::Error>((client, lease, keepalive))
     };
-    let (client, lease, (mut keeper, mut responses)) =
+    let (mut client, lease, (mut keeper, mut responses)) =
         match tokio::time::timeout(REQUEST_TIMEOUT, setup).await {
             Ok(Ok(parts)) => parts,
             Ok(Err(e)) => return Err(format!("etcd: {e}")),
@@ -275,9 +303,29 @@ async fn hold_lease(
     // presumed lost even if no error surfaced.
     let mut renew = tokio::time::interval(instance.ttl / 3);
     let mut last_renewed = tokio::time::Instant::now();
+    let mut weight_open = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok((client, lease)),
+            changed = weight.changed(), if weight_open => {
+                if changed.is_err() {
+                    // The handle is gone: keep the registration as it is.
+                    weight_open = false;
+                    continue;
+                }
+                instance.weight = *weight.borrow_and_update();
+                let put = PutOptions::new().with_lease(lease);
+                let written = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    client.put(instance.key(), instance.value(), Some(put)),
+                )
+                .await;
+                match written {
+                    Ok(Ok(_)) => info!(key = %instance.key(), weight = instance.weight, "weight changed"),
+                    Ok(Err(e)) => return Err(format!("etcd: {e}")),
+                    Err(_) => return Err(format!("etcd did not answer within {REQUEST_TIMEOUT:?}")),
+                }
+            }
             _ = renew.tick() => {
                 if last_renewed.elapsed() > instance.ttl {
                     return Err("no keepalive answer for a whole TTL".into());

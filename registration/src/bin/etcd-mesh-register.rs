@@ -1,0 +1,191 @@
+//! `etcd-mesh-register`: registration from a shell or a container
+//! entrypoint. Wiring only; the work is in the library.
+
+use clap::{Parser, Subcommand};
+use etcd_mesh_registration::{admin, Instance, KeyFormat, Registration, State};
+use std::time::Duration;
+
+/// Registers service instances in etcd for etcd-mesh, and inspects or
+/// changes the registrations that are there.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// etcd members, comma-separated host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_MESH_ETCD",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Keeps one instance registered until SIGTERM or Ctrl-C, then
+    /// deregisters it. Survives etcd outages by registering again.
+    Run {
+        /// The registry name of the service.
+        #[arg(long, env = "ETCD_MESH_SERVICE")]
+        service: String,
+        /// The instance's ip:port.
+        #[arg(long, env = "ETCD_MESH_ADDR")]
+        addr: String,
+        /// 0..=10000; 0 means draining.
+        #[arg(long, env = "ETCD_MESH_WEIGHT", default_value_t = 1)]
+        weight: u32,
+        /// Lease TTL in seconds.
+        #[arg(long, env = "ETCD_MESH_TTL", default_value_t = 10)]
+        ttl: u64,
+        /// The etcd-naming prefix.
+        #[arg(
+            long,
+            env = "ETCD_MESH_PREFIX",
+            default_value = "etcd-mesh/",
+            conflicts_with = "openim_schema"
+        )]
+        prefix: String,
+        /// Write the older openim-v2 form `<schema>:///<service>/<addr>` instead.
+        #[arg(long, env = "ETCD_MESH_OPENIM_SCHEMA")]
+        openim_schema: Option<String>,
+        /// Extra metadata, key=value; repeatable.
+        #[arg(long = "meta", value_parser = parse_meta)]
+        metadata: Vec<(String, String)>,
+    },
+    /// Lists the registrations under a prefix: key, address, weight, TTL left.
+    List {
+        #[arg(long, default_value = "etcd-mesh/")]
+        prefix: String,
+    },
+    /// Changes the weight of a registration in place, keeping its lease.
+    SetWeight {
+        #[arg(long, default_value = "etcd-mesh/")]
+        prefix: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        weight: u32,
+    },
+    /// Weight 0, wait for calls to move away, then deregister.
+    Drain {
+        #[arg(long, default_value = "etcd-mesh/")]
+        prefix: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        addr: String,
+        /// Seconds to wait between weight 0 and the deletion.
+        #[arg(long, default_value_t = 5)]
+        wait: u64,
+    },
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn key(prefix: &str, service: &str, addr: &str) -> String {
+    Instance::new(prefix, service, addr).key()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            service,
+            addr,
+            weight,
+            ttl,
+            prefix,
+            openim_schema,
+            metadata,
+        } => {
+            let mut instance = Instance::new(&prefix, &service, &addr)
+                .with_weight(weight)
+                .with_ttl(Duration::from_secs(ttl));
+            if let Some(schema) = openim_schema {
+                instance.format = KeyFormat::OpenimV2 { schema };
+            }
+            instance.metadata = metadata.into_iter().map(|(k, v)| (k, v.into())).collect();
+            let registration = Registration::start(cli.etcd, instance)?;
+            let mut states = registration.watch_state();
+            let stop = stop_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    changed = states.changed() => {
+                        if changed.is_err() { break; }
+                        if let State::Registered { lease } = &*states.borrow_and_update() {
+                            eprintln!("registered (lease {lease:x})");
+                        }
+                    }
+                }
+            }
+            registration.deregister().await;
+        }
+        Command::List { prefix } => {
+            let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
+            for entry in admin::list(&mut client, &prefix).await? {
+                let weight = entry.weight.map_or("-".into(), |w| w.to_string());
+                let ttl = entry.ttl_left.map_or("-".into(), |t| format!("{t}s"));
+                println!(
+                    "{}\t{}\t{}\tweight={weight}\tttl={ttl}",
+                    entry.service, entry.addr, entry.key
+                );
+            }
+        }
+        Command::SetWeight {
+            prefix,
+            service,
+            addr,
+            weight,
+        } => {
+            let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
+            admin::set_weight(&mut client, &key(&prefix, &service, &addr), weight).await?;
+        }
+        Command::Drain {
+            prefix,
+            service,
+            addr,
+            wait,
+        } => {
+            let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
+            admin::drain(
+                &mut client,
+                &key(&prefix, &service, &addr),
+                Duration::from_secs(wait),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Registration against a real etcd: keepalive over several TTLs, coming
+//! back after an outage longer than the TTL, clean and unclean exits, and
+//! the admin commands.
+
+use etcd_client::Client;
+use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, Proc};
+use etcd_mesh_registration::{admin, Instance, Registration, State};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+const TTL: Duration = Duration::from_secs(2);
+
+fn instance(port: u16) -> Instance {
+    Instance::new("reg/", "demo.Echo", &format!("127.0.0.1:{port}"))
+        .with_weight(3)
+        .with_ttl(TTL)
+}
+
+async fn client(etcd: &Etcd) -> Client {
+    Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("connect")
+}
+
+/// The key's lease, if the key is there.
+async fn lease_of(etcd: &Etcd, key: &str) -> Option<i64> {
+    let mut c = Client::connect([etcd.endpoint()], None).await.ok()?;
+    let response = c.get(key, None).await.ok()?;
+    response.kvs().first().map(|kv| kv.lease())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_outlives_several_ttls_and_goes_at_once_on_deregister() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7001);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let lease = registration.registered(DEADLINE).await.expect("registered");
+    // Watched over three TTLs: the key never lapses.
+    let until = Instant::now() + TTL * 3;
+    while Instant::now() < until {
+        assert_eq!(lease_of(&etcd, &key).await, Some(lease), "the key lapsed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    registration.set_weight(7).expect("valid weight");
+    wait_for("the new weight", DEADLINE, || async {
+        let mut c = client(&etcd).await;
+        let listed = admin::list(&mut c, "reg/").await.ok()?;
+        (listed.first()?.weight == Some(7)).then_some(())
+    })
+    .await
+    .expect("weight written");
+    assert_eq!(
+        lease_of(&etcd, &key).await,
+        Some(lease),
+        "same lease after set_weight"
+    );
+    registration.deregister().await;
+    assert_eq!(lease_of(&etcd, &key).await, None, "gone at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_ttl_is_survived() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7002);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    registration.registered(DEADLINE).await.expect("registered");
+    etcd.kill();
+    let mut states = registration.watch_state();
+    wait_for("the loss to be seen", DEADLINE, || {
+        let state = states.borrow_and_update().clone();
+        async move { matches!(state, State::Retrying { .. }).then_some(()) }
+    })
+    .await
+    .expect("retrying while etcd is away");
+    // Away for longer than the TTL.
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    let restarted = Instant::now();
+    etcd.restart().await.expect("etcd restarts");
+    registration
+        .registered(DEADLINE)
+        .await
+        .expect("registered again");
+    let back_after = restarted.elapsed();
+    println!("registered again {back_after:?} after etcd came back");
+    // And it stays: kept alive, not a leftover of the old lease.
+    let until = Instant::now() + TTL * 2;
+    while Instant::now() < until {
+        assert!(
+            lease_of(&etcd, &key).await.is_some(),
+            "the key lapsed after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    registration.deregister().await;
+    assert_eq!(lease_of(&etcd, &key).await, None);
+}
+
+fn run_cli(etcd: &Etcd, dir: &std::path::Path, port: u16) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_etcd-mesh-register"));
+    command
+        .args(["--etcd", &etcd.endpoint(), "run", "--service", "demo.Echo"])
+        .args([
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--ttl",
+            "2",
+            "--prefix",
+            "reg/",
+        ])
+        .args(["--weight", "4", "--meta", "zone=a"]);
+    Proc::spawn(
+        "etcd-mesh-register",
+        command,
+        dir.join(format!("register-{port}.log")),
+    )
+    .expect("spawn")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_registers_lists_and_cleans_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let (killed_port, stopped_port) = (free_port().expect("port"), free_port().expect("port"));
+    let mut killed = run_cli(&etcd, dir.path(), killed_port);
+    let mut stopped = run_cli(&etcd, dir.path(), stopped_port);
+    let killed_key = instance(killed_port).key();
+    let stopped_key = instance(stopped_port).key();
+    for key in [&killed_key, &stopped_key] {
+        wait_for("the CLI to register", DEADLINE, || async {
+            lease_of(&etcd, key).await
+        })
+        .await
+        .expect("registered");
+    }
+
+    let output = Command::new(env!("CARGO_BIN_EXE_etcd-mesh-register"))
+        .args(["--etcd", &etcd.endpoint(), "list", "--prefix", "reg/"])
+        .output()
+        .expect("list runs");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{listing}");
+    for key in [&killed_key, &stopped_key] {
+        let line = listing
+            .lines()
+            .find(|l| l.contains(key.as_str()))
+            .expect("listed");
+        assert!(
+            line.contains("weight=4") && line.contains("ttl=") && !line.contains("ttl=-"),
+            "{line}"
+        );
+    }
+
+    // SIGTERM: deregistered at once.
+    stopped.terminate(Duration::from_secs(5));
+    assert_eq!(
+        lease_of(&etcd, &stopped_key).await,
+        None,
+        "gone when the process exits"
+    );
+    // SIGKILL: nobody deregisters; the key lapses with its lease.
+    killed.kill();
+    let killed_at = Instant::now();
+    wait_for(
+        "the killed process's key to lapse",
+        TTL + Duration::from_secs(5),
+        || async { lease_of(&etcd, &killed_key).await.is_none().then_some(()) },
+    )
+    .await
+    .expect("lapsed");
+    assert!(
+        killed_at.elapsed() >= Duration::from_millis(500),
+        "it lapsed, it was not deleted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_weight_and_drain_keep_the_lease_and_refuse_garbage() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let registration = Registration::start(vec![etcd.endpoint()], instance(7003)).expect("valid");
+    let lease = registration.registered(DEADLINE).await.expect("registered");
+    let key = instance(7003).key();
+    let mut c = client(&etcd).await;
+    admin::set_weight(&mut c, &key, 9).await.expect("set");
+    let listed = admin::list(&mut c, "reg/").await.expect("list");
+    assert_eq!(
+        (listed[0].weight, lease_of(&etcd, &key).await),
+        (Some(9), Some(lease))
+    );
+    assert!(matches!(
+        admin::set_weight(&mut c, "reg/demo.Echo/nope", 1).await,
+        Err(admin::AdminError::Missing(_))
+    ));
+    assert!(matches!(
+        admin::set_weight(&mut c, &key, 10_001).await,
+        Err(admin::AdminError::Weight(_))
+    ));
+    c.put("reg/demo.Echo/garbage", "not json", None)
+        .await
+        .expect("put");
+    assert!(matches!(
+        admin::set_weight(&mut c, "reg/demo.Echo/garbage", 1).await,
+        Err(admin::AdminError::NotNaming { .. })
+    ));
+    admin::drain(&mut c, &key, Duration::from_millis(100))
+        .await
+        .expect("drain");
+    assert_eq!(lease_of(&etcd, &key).await, None);
+}

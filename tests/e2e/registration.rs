@@ -1,0 +1,66 @@
+//! Registration changes made with the admin commands reach sync-server's
+//! snapshot and the traffic.
+
+use etcd_mesh_demo::stack::wait_for;
+use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
+use etcd_mesh_e2e::{Mesh, DEADLINE};
+use etcd_mesh_registration::{admin, Instance};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_weight_and_drain_show_in_the_snapshot() {
+    let mesh = Mesh::start(1).await;
+    let backends = mesh.weighted_backends(&[1, 1]).await;
+    let key = Instance::new(DEMO_PREFIX, DEMO_SERVICE, &backends[0].addr.to_string()).key();
+    let mut etcd = etcd_client::Client::connect(mesh.etcd_endpoints(), None)
+        .await
+        .expect("etcd");
+    let weight_of = |snapshot: &etcd_mesh_wire::Snapshot| {
+        snapshot
+            .services
+            .get(DEMO_SERVICE)?
+            .endpoints
+            .iter()
+            .find(|e| e.addr == backends[0].addr.to_string())
+            .map(|e| e.weight)
+    };
+
+    admin::set_weight(&mut etcd, &key, 5)
+        .await
+        .expect("set-weight");
+    let revision = wait_for("weight 5 in the snapshot", DEADLINE, || async {
+        let snapshot = mesh.snapshot().await?;
+        (weight_of(&snapshot) == Some(5)).then_some(snapshot.revision)
+    })
+    .await
+    .expect("shown");
+    mesh.envoy
+        .wait_for_revision(revision, DEADLINE)
+        .await
+        .expect("in Envoy");
+    let counts = etcd_mesh_demo::client::split(&mesh.clients(1).await, 600)
+        .await
+        .expect("calls");
+    assert_eq!(
+        counts.get(&backends[0].addr.to_string()),
+        Some(&500),
+        "{counts:?}"
+    );
+
+    // Drain: weight 0 first (no new calls), then the key is gone.
+    let drain = tokio::spawn({
+        let mut etcd = etcd.clone();
+        async move { admin::drain(&mut etcd, &key, Duration::from_secs(1)).await }
+    });
+    wait_for("weight 0 in the snapshot", DEADLINE, || async {
+        (weight_of(&mesh.snapshot().await?) == Some(0)).then_some(())
+    })
+    .await
+    .expect("draining");
+    drain.await.expect("task").expect("drained");
+    wait_for("the drained endpoint to leave", DEADLINE, || async {
+        weight_of(&mesh.snapshot().await?).is_none().then_some(())
+    })
+    .await
+    .expect("gone");
+}
