@@ -443,6 +443,9 @@ pub struct EnvoyOptions {
     pub concurrency: u32,
     /// The HTTP filter's plugin configuration, if not the template's.
     pub router_config: Option<String>,
+    /// Let the ORIGINAL_DST cluster obey `x-envoy-original-dst-host` (for a
+    /// router configured with `"host_override": "header"`).
+    pub header_override: bool,
 }
 
 impl Default for EnvoyOptions {
@@ -453,6 +456,7 @@ impl Default for EnvoyOptions {
             sync_servers: vec![],
             concurrency: 2,
             router_config: None,
+            header_override: false,
         }
     }
 }
@@ -517,18 +521,33 @@ impl Envoy {
             return Err(format!("no plugin at {}: run `make build`", wasm.display()));
         }
         let template = std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
-        let config = dir.join("envoy.yaml");
         let mut rendered =
             render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
         if let Some(router) = &options.router_config {
             rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
         }
+        if options.header_override {
+            rendered = rendered.replace("use_http_header: false", "use_http_header: true");
+        }
+        Self::start_rendered(dir, &rendered, listen, admin, options.concurrency).await
+    }
+
+    /// Starts Envoy with a configuration already rendered, listening on
+    /// `listen` with its admin on `admin`.
+    pub async fn start_rendered(
+        dir: &Path,
+        rendered: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        concurrency: u32,
+    ) -> Result<Envoy, String> {
+        let config = dir.join("envoy.yaml");
         std::fs::write(&config, rendered).map_err(|e| e.to_string())?;
         let mut command = Command::new(envoy_bin());
         command
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", &options.concurrency.to_string()])
+            .args(["--concurrency", &concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", "warn"]);
         let proc =
             Proc::spawn("envoy", command, dir.join("envoy.log")).map_err(|e| e.to_string())?;

@@ -4,7 +4,7 @@
 use etcd_mesh_demo::client::{say, split};
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{http_get, wait_for, Envoy, EnvoyOptions};
-use etcd_mesh_e2e::{assert_split, load, Backend, Mesh, DEADLINE};
+use etcd_mesh_e2e::{assert_split, load, Backend, BackgroundLoad, Mesh, DEADLINE};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,12 +74,8 @@ async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
     let mut mesh = Mesh::start(2).await;
     let _backends = mesh.weighted_backends(&[1, 1]).await;
     let clients = mesh.clients(4).await;
-    let stop = CancellationToken::new();
-    let under_load = {
-        let (clients, stop) = (clients.clone(), stop.clone());
-        tokio::spawn(async move { load(&clients, 20_000, &stop).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under_load = BackgroundLoad::start(clients.clone(), 200_000);
+    under_load.progress(20).await;
     mesh.stop_sync_server();
     let polls_failed = "wasmcustom.etcd_mesh.polls_failed";
     let failed_before = mesh.envoy.stat(polls_failed).await.unwrap_or(0);
@@ -88,6 +84,7 @@ async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
     })
     .await
     .expect("polls fail while sync-server is away");
+    under_load.progress(20).await;
     mesh.restart_sync_server().await;
     // The restarted server's changes reach traffic again.
     let late = Backend::registered(mesh.etcd_endpoints(), 1).await;
@@ -99,9 +96,7 @@ async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
     })
     .await
     .expect("routing follows the restarted sync-server");
-    stop.cancel();
-    let (_, failures) = under_load.await.expect("load task");
-    assert!(failures.is_empty(), "failed calls: {failures:?}");
+    under_load.assert_no_failed_call().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +160,7 @@ async fn a_dead_backend_still_registered_is_ejected() {
     split(&clients, 30).await.expect("all up");
     backends[0].stop_serving();
     let never = CancellationToken::new();
-    let (_, failures) = load(&clients, 300, &never).await;
+    let (_, failures) = load(&clients, 300, &never, &AtomicUsize::new(0)).await;
     println!("failures while ejecting: {failures:?}");
     // Each worker needs 5 failures in a row to eject; a few more may be in
     // flight. Then nothing fails.
@@ -187,7 +182,7 @@ async fn a_dead_backend_still_registered_is_ejected() {
     )
     .await
     .expect("counted");
-    let (_, after) = load(&clients, 100, &never).await;
+    let (_, after) = load(&clients, 100, &never, &AtomicUsize::new(0)).await;
     assert!(after.is_empty(), "after ejection: {after:?}");
 }
 

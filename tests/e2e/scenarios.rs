@@ -6,7 +6,7 @@ use etcd_mesh_demo::client::say;
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
-use etcd_mesh_e2e::{background_load, start_sync_server_on, Backend, Mesh, DEADLINE};
+use etcd_mesh_e2e::{start_sync_server_on, Backend, BackgroundLoad, Mesh, DEADLINE};
 use etcd_mesh_wire::Snapshot;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -77,21 +77,6 @@ async fn a_change_flows(
     settle_on(sync, envoy, base).await;
 }
 
-/// Stops a background load and asserts that it ran and nothing failed.
-async fn assert_no_failed_call(
-    stop: tokio_util::sync::CancellationToken,
-    load: tokio::task::JoinHandle<etcd_mesh_e2e::LoadReport>,
-) {
-    stop.cancel();
-    let (sent, failures) = load.await.expect("load");
-    assert!(sent > 100, "the load ran ({sent} calls)");
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} calls failed: {failures:?}",
-        failures.len()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_member_killed_and_restarted_under_load() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -123,18 +108,21 @@ async fn an_etcd_member_killed_and_restarted_under_load() {
         }
         clients
     };
-    let (stop, load) = background_load(clients.clone(), MAX_CALLS);
+    let load = BackgroundLoad::start(clients.clone(), MAX_CALLS);
 
     for member in 0..3 {
+        load.progress(20).await;
         cluster.members[member].kill();
+        load.progress(20).await;
         // A registration made while a member is down is not lost.
         a_change_flows(endpoints.clone(), sync, &envoy, &addrs_now, &clients[0]).await;
         cluster.members[member]
             .restart()
             .await
             .expect("member restarts");
+        load.progress(20).await;
     }
-    assert_no_failed_call(stop, load).await;
+    load.assert_no_failed_call().await;
     let snapshot = listed(sync).await.expect("snapshot");
     for backend in &backends {
         assert!(
@@ -166,11 +154,13 @@ async fn a_sync_server_replica_killed_under_load() {
     let client = etcd_mesh_demo::client::connect(envoy.listen)
         .await
         .expect("connect");
-    let (stop, load) = background_load(vec![client.clone(); 4], MAX_CALLS);
+    let load = BackgroundLoad::start(vec![client.clone(); 4], MAX_CALLS);
 
     // Kill one replica; changes keep reaching traffic through the other.
     let (survivor, _) = &replicas[1];
+    load.progress(20).await;
     replicas[0].1.cancel();
+    load.progress(20).await;
     for _ in 0..3 {
         a_change_flows(
             vec![etcd.endpoint()],
@@ -181,7 +171,7 @@ async fn a_sync_server_replica_killed_under_load() {
         )
         .await;
     }
-    assert_no_failed_call(stop, load).await;
+    load.assert_no_failed_call().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,14 +184,16 @@ async fn etcd_restarted_under_load() {
     let addrs_now: Vec<_> = backends.iter().map(|b| b.addr).collect();
     mesh.settle(&addrs_now).await;
     let clients = mesh.clients(4).await;
-    let (stop, load) = background_load(clients.clone(), MAX_CALLS);
+    let load = BackgroundLoad::start(clients.clone(), MAX_CALLS);
     for _ in 0..2 {
+        load.progress(20).await;
         mesh.etcd.restart().await.expect("etcd restarts");
+        load.progress(20).await;
         // The registrations are back (or never left) and changes flow again.
         let etcd = mesh.etcd_endpoints();
         a_change_flows(etcd, mesh.sync_addr, &mesh.envoy, &addrs_now, &clients[0]).await;
     }
-    assert_no_failed_call(stop, load).await;
+    load.assert_no_failed_call().await;
 }
 
 /// Sets a registration's weight in place, keeping its lease, as
@@ -227,9 +219,10 @@ async fn a_rolling_restart_through_graceful_drain() {
     mesh.settle(&backends.iter().map(|b| b.addr).collect::<Vec<_>>())
         .await;
     let clients = mesh.clients(4).await;
-    let (stop, load) = background_load(clients.clone(), MAX_CALLS);
+    let load = BackgroundLoad::start(clients.clone(), MAX_CALLS);
     for (i, weight) in weights.into_iter().enumerate() {
         // Drain: weight 0 until the plugin has it, then deregister, then stop.
+        load.progress(20).await;
         let old = backends[i].addr;
         set_weight(&mesh.etcd_endpoints(), old, 0).await;
         wait_for("the drain to reach the plugin", DEADLINE, || async {
@@ -249,12 +242,14 @@ async fn a_rolling_restart_through_graceful_drain() {
         .await
         .expect("drained");
         backends[i].deregister().await;
+        load.progress(20).await;
         backends[i].stop_serving();
+        load.progress(20).await;
         // Its replacement comes up under a new address.
         backends[i] = Backend::registered(mesh.etcd_endpoints(), weight).await;
         mesh.settle(&backends.iter().map(|b| b.addr).collect::<Vec<_>>())
             .await;
         wait_until_served(&clients[0], backends[i].addr).await;
     }
-    assert_no_failed_call(stop, load).await;
+    load.assert_no_failed_call().await;
 }

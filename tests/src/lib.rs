@@ -11,6 +11,8 @@ use etcd_mesh_demo::{backend, client, DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_registration::{Instance, Registration};
 use etcd_mesh_wire::Snapshot;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use sync_server::etcd::EtcdOptions;
 use tempfile::TempDir;
@@ -219,43 +221,78 @@ impl Drop for Backend {
     }
 }
 
+/// The longest one call of a load run may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What a load run did: calls sent, and the failures (index, status).
 pub type LoadReport = (usize, Vec<(usize, tonic::Code)>);
 
 /// Sends up to `calls` calls one after another over `clients` until
-/// `stop`.
+/// `stop`, counting them in `sent`.
 pub async fn load(
     clients: &[client::Client],
     calls: usize,
     stop: &CancellationToken,
+    sent: &AtomicUsize,
 ) -> LoadReport {
     let mut failures = Vec::new();
-    let mut sent = 0;
     for i in 0..calls {
         if stop.is_cancelled() {
             break;
         }
         let mut client = clients[i % clients.len()].clone();
-        sent += 1;
         let request = etcd_mesh_demo::proto::SayRequest::default();
-        if let Err(status) = client::say(&mut client, request).await {
-            failures.push((i, status.code()));
+        // A call that hangs is a failure too, and must not stall the load.
+        let call = tokio::time::timeout(CALL_TIMEOUT, client::say(&mut client, request));
+        match call.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => failures.push((i, status.code())),
+            Err(_) => failures.push((i, tonic::Code::DeadlineExceeded)),
         }
+        sent.fetch_add(1, Ordering::Relaxed);
     }
-    (sent, failures)
+    (sent.load(Ordering::Relaxed), failures)
 }
 
-/// Runs [`load`] in the background until the returned token is cancelled.
-pub fn background_load(
-    clients: Vec<client::Client>,
-    calls: usize,
-) -> (CancellationToken, tokio::task::JoinHandle<LoadReport>) {
-    let stop = CancellationToken::new();
-    let task = {
-        let stop = stop.clone();
-        tokio::spawn(async move { load(&clients, calls, &stop).await })
-    };
-    (stop, task)
+/// A [`load`] running in the background.
+pub struct BackgroundLoad {
+    stop: CancellationToken,
+    sent: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<LoadReport>,
+}
+
+impl BackgroundLoad {
+    pub fn start(clients: Vec<client::Client>, calls: usize) -> BackgroundLoad {
+        let stop = CancellationToken::new();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (stop, sent) = (stop.clone(), Arc::clone(&sent));
+            tokio::spawn(async move { load(&clients, calls, &stop, &sent).await })
+        };
+        BackgroundLoad { stop, sent, task }
+    }
+
+    /// Waits until `n` more calls have been sent, so that the load really
+    /// spans the step that follows, however slow the machine is.
+    pub async fn progress(&self, n: usize) {
+        let target = self.sent.load(Ordering::Relaxed) + n;
+        wait_for("the load to progress", DEADLINE, || async {
+            (self.sent.load(Ordering::Relaxed) >= target).then_some(())
+        })
+        .await
+        .expect("the load makes progress");
+    }
+
+    /// Stops the load and asserts that no call failed.
+    pub async fn assert_no_failed_call(self) {
+        self.stop.cancel();
+        let (sent, failures) = self.task.await.expect("load task");
+        assert!(
+            failures.is_empty(),
+            "{} of {sent} calls failed: {failures:?}",
+            failures.len()
+        );
+    }
 }
 
 impl Mesh {
