@@ -33,5 +33,9 @@ lint: setup
 	if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then \
 	  $(CARGO) clippy -p etcd-mesh-plugin --target wasm32-unknown-unknown -- -D warnings; fi
 
+# Benchmarks (not tests): bench/RESULTS.md and bench/results.png.
+bench: build
+	scripts/bench.sh
+
 clean:
 	$(CARGO) clean

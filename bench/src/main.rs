@@ -1,0 +1,97 @@
+//! `make bench`: what etcd-mesh adds to each call, and how fast a change in
+//! etcd reaches the traffic, measured side by side with Envoy's own
+//! balancer in one run. Writes `bench/results.json` and `bench/RESULTS.md`;
+//! `bench/plot.py` draws `bench/results.png` from the JSON.
+
+#![forbid(unsafe_code)]
+
+mod cost;
+mod report;
+mod scale;
+mod traffic;
+mod util;
+
+use clap::Parser;
+use serde_json::json;
+use std::path::PathBuf;
+
+/// Runs the etcd-mesh benchmarks (loopback only, bounded).
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Interleaved rounds of the per-call cost runs.
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    /// Calls per variant per round.
+    #[arg(long, default_value_t = 20_000)]
+    calls: usize,
+    /// h2load clients and streams per client for the throughput runs.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    streams: usize,
+    /// Calls and rate (per second) of the paced latency runs.
+    #[arg(long, default_value_t = 2_000)]
+    latency_calls: usize,
+    #[arg(long, default_value_t = 1_000)]
+    latency_rps: usize,
+    /// Propagation cycles (four changes each).
+    #[arg(long, default_value_t = 50)]
+    cycles: usize,
+    /// Calls of the split run.
+    #[arg(long, default_value_t = 6_000)]
+    split_calls: usize,
+    /// sync-server scale.
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    #[arg(long, default_value_t = 100_000)]
+    endpoints: usize,
+    #[arg(long, default_value_t = 1_000)]
+    long_polls: usize,
+    /// Endpoints in the plugin's tables for the refresh measurement.
+    #[arg(long, default_value_t = 10_000)]
+    plugin_endpoints: usize,
+    /// Where the results go.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let cost = cost::run(&cost::CostOptions {
+        rounds: cli.rounds,
+        calls: cli.calls,
+        clients: cli.clients,
+        streams: cli.streams,
+        latency_calls: cli.latency_calls,
+        latency_rps: cli.latency_rps,
+    })
+    .await?;
+    eprintln!("cost done");
+    let propagation = traffic::propagation(cli.cycles).await?;
+    eprintln!("propagation done");
+    let split = traffic::split_quality(cli.split_calls, 20).await?;
+    eprintln!("split done");
+    let scale = scale::run(&scale::ScaleOptions {
+        services: cli.services,
+        endpoints: cli.endpoints,
+        long_polls: cli.long_polls,
+        plugin_endpoints: cli.plugin_endpoints,
+    })
+    .await?;
+    let results = json!({
+        "environment": report::environment(),
+        "cost": cost,
+        "propagation": propagation,
+        "split": split,
+        "scale": scale,
+    });
+    std::fs::create_dir_all(&cli.out)?;
+    std::fs::write(
+        cli.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(cli.out.join("RESULTS.md"), report::markdown(&results))?;
+    eprintln!("wrote {}", cli.out.join("RESULTS.md").display());
+    Ok(())
+}

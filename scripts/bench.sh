@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# make bench: builds, runs every benchmark (loopback only, bounded), writes
+# bench/results.json, bench/RESULTS.md and bench/results.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ulimit -n 65536 2>/dev/null || true  # 1,000 long-polls need the descriptors
+cargo build --release -p etcd-mesh-bench
+target/release/etcd-mesh-bench --out bench "$@"
+.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check matplotlib
+.venv/bin/python bench/plot.py bench
+echo "bench: see bench/RESULTS.md"
