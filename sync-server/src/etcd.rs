@@ -29,6 +29,21 @@ pub struct EtcdOptions {
     pub tls: Option<EtcdTls>,
     /// etcd authentication (user, password).
     pub user: Option<(String, String)>,
+    /// Keys per listing request.
+    pub list_page_size: i64,
+}
+
+/// The end of the key range holding every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes (or empty): every key from the prefix on.
+    vec![0]
 }
 
 /// PEM material for TLS to etcd.
@@ -58,6 +73,7 @@ impl EtcdOptions {
             request_timeout: Duration::from_secs(5),
             tls: None,
             user: None,
+            list_page_size: 5_000,
         }
     }
 
@@ -185,27 +201,44 @@ impl SyncRound<'_> {
             .await
             .map_err(|_| RoundError::Timeout(timeout))??;
 
-        // List every prefix at the revision of the first listing.
+        // List every prefix, page by page, at the revision of the first
+        // page: one response for a large registry would pass the client's
+        // message limit, and pages at one revision are one consistent view.
         let mut revision = 0i64;
         let mut listed = Vec::new();
-        for spec in registry.specs() {
-            let mut get = GetOptions::new().with_prefix();
-            if revision > 0 {
-                get = get.with_revision(revision);
-            }
-            let response =
-                tokio::time::timeout(timeout, client.get(spec.prefix.as_str(), Some(get)))
+        for (spec, watch) in registry.specs().iter().enumerate() {
+            let end = prefix_end(watch.prefix.as_bytes());
+            let mut from = watch.prefix.as_bytes().to_vec();
+            loop {
+                let mut get = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(options.list_page_size);
+                if revision > 0 {
+                    get = get.with_revision(revision);
+                }
+                let response = tokio::time::timeout(timeout, client.get(from.clone(), Some(get)))
                     .await
                     .map_err(|_| RoundError::Timeout(timeout))??;
-            if revision == 0 {
-                revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                if revision == 0 {
+                    revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                }
+                let more = response.more();
+                if let Some(last) = response.kvs().last() {
+                    // The next page starts just after the last key.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                let empty = response.kvs().is_empty();
+                listed.push((spec, response));
+                if !more || empty {
+                    break;
+                }
             }
-            listed.push(response);
         }
         registry.reset(u64::try_from(revision).unwrap_or(0));
-        for (spec, response) in listed.iter().enumerate() {
+        for (spec, response) in &listed {
             for kv in response.kvs() {
-                let change = registry.put(spec, kv.key(), kv.value(), kv.mod_revision());
+                let change = registry.put(*spec, kv.key(), kv.value(), kv.mod_revision());
                 Self::report_with(self.metrics, kv.key(), change);
             }
         }
@@ -258,5 +291,17 @@ impl SyncRound<'_> {
             self.publisher.publish(registry.snapshot(false));
         }
         Err(RoundError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"svc/"), b"svc0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
     }
 }
