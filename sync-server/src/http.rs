@@ -195,7 +195,7 @@ async fn snapshot(
 }
 
 fn full(published: &Published) -> Response {
-    let mut response = Response::new(Body::from(published.body.to_vec()));
+    let mut response = Response::new(Body::from(published.body.clone()));
     set_headers(&mut response, Some(published));
     response
 }

@@ -4,6 +4,7 @@
 //! encoded once, so serving it is a copy of bytes, however many ask.
 
 use etcd_mesh_wire::Snapshot;
+use axum::body::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -12,8 +13,9 @@ use tokio::sync::watch;
 #[derive(Debug)]
 pub struct Published {
     pub snapshot: Snapshot,
-    /// The encoded JSON body.
-    pub body: Arc<[u8]>,
+    /// The encoded JSON body, shared by every response that sends it: a
+    /// thousand long-polls answered at once hold one copy, not a thousand.
+    pub body: Bytes,
     /// `"<revision>"`, the ETag.
     pub etag: String,
 }
