@@ -6,7 +6,7 @@
 //! `/proc/<pid>/stat`.
 
 use crate::util::{cpu_seconds, h2load, median, percentile};
-use etcd_mesh_demo::stack::{free_port, wasm_path, Envoy, EnvoyOptions};
+use etcd_mesh_demo::stack::{free_port, lb_endpoints_yaml, wasm_path, Envoy, EnvoyOptions};
 use etcd_mesh_e2e::Mesh;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -52,16 +52,6 @@ async fn static_envoy(
     )?;
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let endpoints: Vec<String> = backends
-        .iter()
-        .map(|a| {
-            format!(
-                "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect();
     let filter = if with_filter {
         NOOP_FILTER.replace("{{WASM_PATH}}", &wasm_path().display().to_string())
     } else {
@@ -70,7 +60,7 @@ async fn static_envoy(
     let rendered = template
         .replace("{{LISTEN_PORT}}", &listen.port().to_string())
         .replace("{{ADMIN_PORT}}", &admin.port().to_string())
-        .replace("{{BACKENDS}}", &format!("[{}]", endpoints.join(", ")))
+        .replace("{{BACKENDS}}", &lb_endpoints_yaml(backends))
         .replace("{{EXTRA_FILTER}}", &filter);
     Envoy::start_rendered(dir, &rendered, listen, admin, 1)
         .await

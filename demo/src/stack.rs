@@ -478,15 +478,9 @@ pub fn envoy_template_path() -> PathBuf {
     workspace_root().join("envoy/etcd-mesh.yaml")
 }
 
-/// Fills in the template's placeholders.
-pub fn render_envoy_config(
-    template: &str,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    sync_servers: &[SocketAddr],
-    wasm: &Path,
-) -> String {
-    let endpoints: Vec<String> = sync_servers
+/// `addrs` as the YAML flow list of an Envoy `lb_endpoints`.
+pub fn lb_endpoints_yaml(addrs: &[SocketAddr]) -> String {
+    let endpoints: Vec<String> = addrs
         .iter()
         .map(|a| {
             format!(
@@ -496,12 +490,24 @@ pub fn render_envoy_config(
             )
         })
         .collect();
+    format!("[{}]", endpoints.join(", "))
+}
+
+/// Fills in the template's placeholders.
+pub fn render_envoy_config(
+    template: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    sync_servers: &[SocketAddr],
+    wasm: &Path,
+) -> String {
+    let endpoints = lb_endpoints_yaml(sync_servers);
     template
         .replace("{{LISTEN_ADDRESS}}", &listen.ip().to_string())
         .replace("{{LISTEN_PORT}}", &listen.port().to_string())
         .replace("{{ADMIN_ADDRESS}}", &admin.ip().to_string())
         .replace("{{ADMIN_PORT}}", &admin.port().to_string())
-        .replace("{{SYNC_ENDPOINTS}}", &format!("[{}]", endpoints.join(", ")))
+        .replace("{{SYNC_ENDPOINTS}}", &endpoints)
         .replace("{{WASM_PATH}}", &wasm.display().to_string())
 }
 

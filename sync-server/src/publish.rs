@@ -1,10 +1,10 @@
 //! The snapshot being served, and the signal long-polls wait on.
 //!
 //! The etcd loop publishes; HTTP handlers read. Each published snapshot is
-//! encoded once, so serving it is a copy of bytes, however many ask.
+//! encoded once and its bytes are shared by every response that sends it.
 
-use etcd_mesh_wire::Snapshot;
 use axum::body::Bytes;
+use etcd_mesh_wire::Snapshot;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;

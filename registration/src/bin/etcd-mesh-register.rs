@@ -62,27 +62,36 @@ enum Command {
     },
     /// Changes the weight of a registration in place, keeping its lease.
     SetWeight {
-        #[arg(long, default_value = "etcd-mesh/")]
-        prefix: String,
-        #[arg(long)]
-        service: String,
-        #[arg(long)]
-        addr: String,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         weight: u32,
     },
     /// Weight 0, wait for calls to move away, then deregister.
     Drain {
-        #[arg(long, default_value = "etcd-mesh/")]
-        prefix: String,
-        #[arg(long)]
-        service: String,
-        #[arg(long)]
-        addr: String,
+        #[command(flatten)]
+        target: Target,
         /// Seconds to wait between weight 0 and the deletion.
         #[arg(long, default_value_t = 5)]
         wait: u64,
     },
+}
+
+/// Which registration a command acts on.
+#[derive(Debug, clap::Args)]
+struct Target {
+    #[arg(long, default_value = "etcd-mesh/")]
+    prefix: String,
+    #[arg(long)]
+    service: String,
+    #[arg(long)]
+    addr: String,
+}
+
+impl Target {
+    fn key(&self) -> String {
+        Instance::new(&self.prefix, &self.service, &self.addr).key()
+    }
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
@@ -90,10 +99,6 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?} is not key=value"))
-}
-
-fn key(prefix: &str, service: &str, addr: &str) -> String {
-    Instance::new(prefix, service, addr).key()
 }
 
 #[tokio::main]
@@ -150,28 +155,13 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::SetWeight {
-            prefix,
-            service,
-            addr,
-            weight,
-        } => {
+        Command::SetWeight { target, weight } => {
             let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
-            admin::set_weight(&mut client, &key(&prefix, &service, &addr), weight).await?;
+            admin::set_weight(&mut client, &target.key(), weight).await?;
         }
-        Command::Drain {
-            prefix,
-            service,
-            addr,
-            wait,
-        } => {
+        Command::Drain { target, wait } => {
             let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
-            admin::drain(
-                &mut client,
-                &key(&prefix, &service, &addr),
-                Duration::from_secs(wait),
-            )
-            .await?;
+            admin::drain(&mut client, &target.key(), Duration::from_secs(wait)).await?;
         }
     }
     Ok(())
