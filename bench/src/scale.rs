@@ -4,7 +4,9 @@
 use crate::util::{median, peak_rss_mib};
 use anyhow::Context;
 use etcd_client::{Client, Txn, TxnOp};
-use etcd_mesh_demo::stack::{free_port, http_get, wait_for, workspace_root, Etcd, Proc};
+use etcd_mesh_demo::stack::{
+    free_port, http_get, prometheus_value, wait_for, workspace_root, Etcd, Proc,
+};
 use etcd_mesh_e2e::Mesh;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -137,11 +139,7 @@ pub async fn run(options: &ScaleOptions) -> anyhow::Result<Value> {
         Duration::from_secs(60),
         || async {
             let (_, metrics) = http_get(listen, "/metrics").await.ok()?;
-            let held: u64 = metrics.lines().find_map(|l| {
-                l.strip_prefix("sync_server_long_poll_waiters ")?
-                    .parse()
-                    .ok()
-            })?;
+            let held = prometheus_value(&metrics, "sync_server_long_poll_waiters")?;
             (held >= waiting).then_some(())
         },
     )

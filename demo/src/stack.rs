@@ -85,6 +85,12 @@ impl HttpResponse {
     }
 }
 
+/// The value of `name` in a Prometheus text page, if it is there.
+pub fn prometheus_value(page: &str, name: &str) -> Option<u64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A minimal HTTP/1.1 GET on loopback: (status, body). Enough for health
 /// checks and admin pages, without pulling an HTTP client into the tests.
 pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
@@ -160,7 +166,6 @@ fn dechunk(mut rest: &str) -> String {
 /// A child process that is killed when dropped; its output goes to a log.
 #[derive(Debug)]
 pub struct Proc {
-    name: String,
     child: Child,
     log: PathBuf,
 }
@@ -174,19 +179,11 @@ impl Proc {
             .stderr(out)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start {name}: {e}")))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        })
+        Ok(Proc { child, log })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// The last lines of the log, for error messages.
@@ -222,10 +219,6 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 

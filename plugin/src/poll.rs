@@ -55,10 +55,6 @@ impl PollSchedule {
         self.held = Some(revision);
     }
 
-    pub fn held(&self) -> Option<u64> {
-        self.held
-    }
-
     /// A poll answered (200 or 304): poll again at once.
     pub fn succeeded(&mut self) {
         self.failures = 0;

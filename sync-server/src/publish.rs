@@ -89,9 +89,4 @@ impl Publisher {
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Published>>> {
         self.tx.subscribe()
     }
-
-    /// How many long-polls are waiting for a change right now.
-    pub fn waiters(&self) -> usize {
-        self.tx.receiver_count()
-    }
 }

@@ -52,10 +52,6 @@ impl Registry {
         &self.specs
     }
 
-    pub fn revision(&self) -> u64 {
-        self.revision
-    }
-
     /// Forgets everything, for a fresh listing at `revision`.
     pub fn reset(&mut self, revision: u64) {
         self.entries.clear();

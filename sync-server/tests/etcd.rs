@@ -3,7 +3,7 @@
 
 use etcd_client::{Client, CompactionOptions};
 use etcd_mesh_demo::stack::{
-    free_port, http_get, http_get_with, wait_for, Etcd, EtcdTlsFiles, Proc,
+    free_port, http_get, http_get_with, prometheus_value, wait_for, Etcd, EtcdTlsFiles, Proc,
 };
 use etcd_mesh_wire::Snapshot;
 use std::collections::BTreeSet;
@@ -70,9 +70,7 @@ impl Server {
 
     async fn metric(&self, name: &str) -> u64 {
         let (_, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+        prometheus_value(&body, name).unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
     }
 
     async fn shutdown(mut self) {

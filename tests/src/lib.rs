@@ -6,7 +6,7 @@
 
 #![forbid(unsafe_code)]
 
-use etcd_mesh_demo::stack::{http_get, wait_for, Envoy, EnvoyOptions, Etcd};
+use etcd_mesh_demo::stack::{http_get, prometheus_value, wait_for, Envoy, EnvoyOptions, Etcd};
 use etcd_mesh_demo::{backend, client, DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_registration::{Instance, Registration};
 use etcd_mesh_wire::Snapshot;
@@ -125,8 +125,7 @@ impl Mesh {
     /// A number from sync-server's `/metrics`.
     pub async fn sync_metric(&self, name: &str) -> Option<u64> {
         let (_, body) = http_get(self.sync_addr, "/metrics").await.ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        prometheus_value(&body, name)
     }
 }
 
