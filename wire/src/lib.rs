@@ -1,10 +1,12 @@
-//! The snapshot wire format of the sync-server HTTP contract v1.
+//! The wire format of the sync-server HTTP contract v1: the full
+//! [`Snapshot`] and the change feed's [`Changes`], and the [`Digest`] both
+//! sides compute over what they hold.
 //!
-//! sync-server encodes it and the Envoy plugin decodes it; both use these
-//! types so the two sides cannot drift apart. Decoding also validates: a
-//! snapshot that does not hold together (a weight out of range, an address
-//! Envoy cannot connect to) is refused as a whole, so a bad snapshot never
-//! changes traffic.
+//! sync-server encodes them and the Envoy plugin decodes them; both use
+//! these types so the two sides cannot drift apart. Decoding also
+//! validates: an answer that does not hold together (a weight out of range,
+//! an address Envoy cannot connect to) is refused as a whole, so a bad
+//! answer never changes traffic.
 
 #![forbid(unsafe_code)]
 
@@ -97,28 +99,149 @@ impl Snapshot {
     /// Checks what the types alone cannot: names, addresses, weights, and
     /// that an address appears at most once per service.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, service) in &self.services {
-            if name.is_empty() {
-                return Err("a service has an empty name".into());
+        self.services
+            .iter()
+            .try_for_each(|(name, service)| service.validate(name))
+    }
+}
+
+impl Service {
+    /// Checks one service of a snapshot or a change: a name, and endpoints
+    /// Envoy can connect to, each once, with weights in range.
+    pub fn validate(&self, name: &str) -> Result<(), String> {
+        if name.is_empty() {
+            return Err("a service has an empty name".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for endpoint in &self.endpoints {
+            parse_addr(&endpoint.addr).map_err(|e| format!("service {name:?}: {e}"))?;
+            if endpoint.weight > MAX_WEIGHT {
+                return Err(format!(
+                    "service {name:?}: endpoint {} has weight {} above {MAX_WEIGHT}",
+                    endpoint.addr, endpoint.weight
+                ));
             }
-            let mut seen = std::collections::HashSet::new();
-            for endpoint in &service.endpoints {
-                parse_addr(&endpoint.addr).map_err(|e| format!("service {name:?}: {e}"))?;
-                if endpoint.weight > MAX_WEIGHT {
-                    return Err(format!(
-                        "service {name:?}: endpoint {} has weight {} above {MAX_WEIGHT}",
-                        endpoint.addr, endpoint.weight
-                    ));
-                }
-                if !seen.insert(endpoint.addr.as_str()) {
-                    return Err(format!(
-                        "service {name:?}: endpoint {} is listed twice",
-                        endpoint.addr
-                    ));
-                }
+            if !seen.insert(endpoint.addr.as_str()) {
+                return Err(format!(
+                    "service {name:?}: endpoint {} is listed twice",
+                    endpoint.addr
+                ));
             }
         }
         Ok(())
+    }
+
+    /// The canonical encoding: what [`Digest`] hashes and what the plugin
+    /// keeps in shared data.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// One answer of the change feed (`GET /v1/changes`): what changed after
+/// the revision the client holds, at service granularity.
+///
+/// With `full`, the answer replaces everything the client holds (its
+/// revision was too old for the history kept, from another etcd cluster or
+/// watch configuration, or it held nothing): `services` and `rejected` are
+/// then complete. Otherwise `services` holds each service added or changed
+/// since `since`, whole; `removed` the services gone; `rejected` the
+/// rejections added or changed and `unrejected` the keys no longer rejected.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Changes {
+    /// The etcd revision the client holds once it applied this answer.
+    pub revision: u64,
+    /// The revision these changes start from (0 with `full`).
+    #[serde(default)]
+    pub since: u64,
+    /// Names the etcd cluster and watch configuration the revisions belong
+    /// to; revisions of different epochs cannot be compared.
+    pub epoch: String,
+    #[serde(default)]
+    pub full: bool,
+    #[serde(default)]
+    pub stale: bool,
+    pub services: BTreeMap<String, Service>,
+    #[serde(default)]
+    pub removed: Vec<String>,
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
+    #[serde(default)]
+    pub unrejected: Vec<String>,
+    /// The [`Digest`] of every service the client holds after applying
+    /// this answer (of the services asked for, when scoped).
+    pub digest: u64,
+}
+
+impl Changes {
+    /// Decodes and validates a change-feed body.
+    pub fn decode(body: &[u8]) -> Result<Changes, DecodeError> {
+        let changes: Changes =
+            serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+        changes.validate().map_err(DecodeError::Invalid)?;
+        Ok(changes)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, service) in &self.services {
+            service.validate(name)?;
+        }
+        if let Some(name) = self.removed.iter().find(|n| self.services.contains_key(*n)) {
+            return Err(format!("service {name:?} is both changed and removed"));
+        }
+        if self.full && !self.removed.is_empty() {
+            return Err("a full answer lists removed services".into());
+        }
+        if !self.full && self.since > self.revision {
+            return Err(format!(
+                "changes since {} end at the older revision {}",
+                self.since, self.revision
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A digest of endpoint tables that both sides keep as they apply changes:
+/// the wrapping sum of one FNV-1a hash per service (its name and canonical
+/// encoding), so adding, replacing or removing a service costs one hash.
+/// Two holders with the same services have the same digest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Digest(u64);
+
+impl Digest {
+    /// Shown digests keep 48 bits: they stay exact as a float (Prometheus,
+    /// JSON readers) and Envoy's gauges.
+    const SHOWN: u64 = (1 << 48) - 1;
+
+    /// The hash one service contributes.
+    pub fn of(name: &str, service: &Service) -> u64 {
+        Self::of_encoded(name, &service.encode())
+    }
+
+    /// The same, from the canonical encoding ([`Service::encode`]).
+    pub fn of_encoded(name: &str, encoded: &[u8]) -> u64 {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let step = |hash: u64, byte: &u8| (hash ^ u64::from(*byte)).wrapping_mul(PRIME);
+        let hash = name.as_bytes().iter().fold(OFFSET, step);
+        encoded.iter().fold(step(hash, &0xff), step)
+    }
+
+    pub fn add(&mut self, hash: u64) {
+        self.0 = self.0.wrapping_add(hash);
+    }
+
+    pub fn remove(&mut self, hash: u64) {
+        self.0 = self.0.wrapping_sub(hash);
+    }
+
+    pub fn value(self) -> u64 {
+        self.0 & Self::SHOWN
     }
 }
 
@@ -198,6 +321,48 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn changes_round_trip_and_refuse_contradictions() {
+        let snapshot = snapshot_with(vec![endpoint("127.0.0.1:1", 2)]);
+        let changes = Changes {
+            revision: 9,
+            since: 7,
+            epoch: "e".into(),
+            services: snapshot.services.clone(),
+            removed: vec!["gone".into()],
+            unrejected: vec!["k".into()],
+            ..Changes::default()
+        };
+        assert_eq!(Changes::decode(&changes.encode()), Ok(changes.clone()));
+        let mut both = changes.clone();
+        both.removed.push("demo.Echo".into());
+        assert!(Changes::decode(&both.encode()).is_err());
+        let mut backwards = changes.clone();
+        backwards.since = 10;
+        assert!(Changes::decode(&backwards.encode()).is_err());
+        let mut bad = changes;
+        bad.services
+            .insert("s".into(), Service { endpoints: vec![endpoint("nohost", 1)] });
+        assert!(Changes::decode(&bad.encode()).is_err());
+    }
+
+    #[test]
+    fn digests_follow_content_not_history() {
+        let a = Service { endpoints: vec![endpoint("127.0.0.1:1", 1)] };
+        let b = Service { endpoints: vec![endpoint("127.0.0.1:2", 1)] };
+        let mut built = Digest::default();
+        built.add(Digest::of("a", &a));
+        built.add(Digest::of("b", &a));
+        built.remove(Digest::of("b", &a));
+        built.add(Digest::of("b", &b));
+        let mut direct = Digest::default();
+        direct.add(Digest::of("b", &b));
+        direct.add(Digest::of("a", &a));
+        assert_eq!(built, direct);
+        assert_ne!(Digest::of("a", &b), Digest::of("b", &a));
+        assert!(built.value() < 1 << 48);
     }
 
     #[test]
