@@ -5,6 +5,7 @@
 //! closed) ends the round: the last snapshot is marked stale and served on,
 //! and the next round lists afresh after a jittered, growing pause.
 
+use crate::format::WatchSpec;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::registry::{Change, Registry};
@@ -91,7 +92,19 @@ impl EtcdOptions {
             .collect()
     }
 
-    pub async fn connect(&self) -> Result<Client, etcd_client::Error> {
+    /// A client of one member, the `turn`-th (modulo the members): a sync
+    /// round that fails moves on to the next member, because a client over
+    /// all members keeps sending to a dead one.
+    pub async fn connect_member(&self, turn: usize) -> Result<Client, etcd_client::Error> {
+        let urls = self.urls();
+        let url = urls
+            .get(turn % urls.len().max(1))
+            .cloned()
+            .unwrap_or_default();
+        self.connect_to(vec![url]).await
+    }
+
+    async fn connect_to(&self, urls: Vec<String>) -> Result<Client, etcd_client::Error> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             // HTTP/2 pings find a dead member even when no key changes.
@@ -110,7 +123,7 @@ impl EtcdOptions {
         if let Some((user, password)) = &self.user {
             options = options.with_user(user.clone(), password.clone());
         }
-        Client::connect(self.urls(), Some(options)).await
+        Client::connect(urls, Some(options)).await
     }
 }
 
@@ -130,6 +143,7 @@ pub async fn sync(
         registry: &mut registry,
         publisher: &publisher,
         metrics: &metrics,
+        listed: false,
     };
     for round_number in 0u64.. {
         if round_number > 0 {
@@ -137,11 +151,11 @@ pub async fn sync(
         }
         let round = tokio::select! {
             _ = shutdown.cancelled() => return,
-            round = sync.round(&options, &mut retry) => round,
+            round = sync.round(&options, round_number as usize, &mut retry) => round,
         };
         metrics.etcd_connected.store(0, Ordering::Relaxed);
         if let Err(e) = round {
-            publisher.mark_stale();
+            publisher.set_stale(true);
             let pause = jitter(retry);
             warn!(error = %e, ?pause, "etcd sync interrupted; serving the last snapshot as stale");
             tokio::select! {
@@ -179,6 +193,9 @@ struct SyncRound<'a> {
     registry: &'a mut Registry,
     publisher: &'a Publisher,
     metrics: &'a Metrics,
+    /// Whether this process has listed etcd before: its first listing
+    /// starts a new history, later ones continue it.
+    listed: bool,
 }
 
 impl SyncRound<'_> {
@@ -190,14 +207,43 @@ impl SyncRound<'_> {
         }
     }
 
+    /// Publishes the registry if its revision is newer than what is served.
+    ///
+    /// Content never changes under a revision a client may hold: a listing
+    /// from a member that lags behind what was already served is not
+    /// published; its changes wait, pending in the registry, until the
+    /// watch passes the served revision.
+    fn publish(&mut self, epoch: &str) {
+        let registry = &mut *self.registry;
+        let revision = registry.revision();
+        match self.publisher.current() {
+            Some(current) if self.listed && *current.epoch == *epoch => {
+                if revision > current.revision {
+                    let commit = registry.commit();
+                    self.publisher
+                        .publish_change(revision, commit, registry.tables().clone());
+                } else {
+                    // Back in touch with etcd: what is served is current.
+                    self.publisher.set_stale(false);
+                }
+            }
+            _ => {
+                registry.commit();
+                self.publisher
+                    .publish_reset(epoch, revision, registry.tables().clone());
+                self.listed = true;
+            }
+        }
+    }
+
     async fn round(
         &mut self,
         options: &EtcdOptions,
+        turn: usize,
         retry: &mut Duration,
     ) -> Result<(), RoundError> {
-        let registry = &mut *self.registry;
         let timeout = options.request_timeout;
-        let mut client = tokio::time::timeout(timeout, options.connect())
+        let mut client = tokio::time::timeout(timeout, options.connect_member(turn))
             .await
             .map_err(|_| RoundError::Timeout(timeout))??;
 
@@ -205,8 +251,9 @@ impl SyncRound<'_> {
         // page: one response for a large registry would pass the client's
         // message limit, and pages at one revision are one consistent view.
         let mut revision = 0i64;
+        let mut cluster = 0u64;
         let mut listed = Vec::new();
-        for (spec, watch) in registry.specs().iter().enumerate() {
+        for (spec, watch) in self.registry.specs().iter().enumerate() {
             let end = prefix_end(watch.prefix.as_bytes());
             let mut from = watch.prefix.as_bytes().to_vec();
             loop {
@@ -221,6 +268,7 @@ impl SyncRound<'_> {
                     .map_err(|_| RoundError::Timeout(timeout))??;
                 if revision == 0 {
                     revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                    cluster = response.header().map(|h| h.cluster_id()).unwrap_or(0);
                 }
                 let more = response.more();
                 if let Some(last) = response.kvs().last() {
@@ -235,6 +283,8 @@ impl SyncRound<'_> {
                 }
             }
         }
+        let epoch = epoch(cluster, self.registry.specs());
+        let registry = &mut *self.registry;
         registry.reset(u64::try_from(revision).unwrap_or(0));
         for (spec, response) in &listed {
             for kv in response.kvs() {
@@ -242,26 +292,22 @@ impl SyncRound<'_> {
                 Self::report_with(self.metrics, kv.key(), change);
             }
         }
-        self.publisher.publish(registry.snapshot(false));
+        drop(listed);
+        self.publish(&epoch);
         self.publisher.mark_synced();
-        info!(revision, "listed registrations from etcd");
+        info!(revision, %epoch, "listed registrations from etcd");
         *retry = FIRST_RETRY;
 
-        // Watch every prefix on one stream from the next revision: nothing
-        // written after the listing is missed.
-        let mut stream = None;
-        for spec in registry.specs() {
-            let watch = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1);
-            match &mut stream {
-                None => stream = Some(client.watch(spec.prefix.as_str(), Some(watch)).await?),
-                Some(stream) => stream.watch(spec.prefix.as_str(), Some(watch)).await?,
-            }
-        }
-        let Some(mut stream) = stream else {
-            return Err(RoundError::Closed);
-        };
+        // One watcher over the one key range that covers every prefix:
+        // etcd orders events per watcher, not across watchers, so with one
+        // watcher per prefix a catching-up watcher could deliver revision 9
+        // after another delivered 10, and 9's change would be published
+        // under 10. Keys in the range but under no prefix are skipped.
+        let (start, end) = covering_range(self.registry.specs());
+        let watch = WatchOptions::new()
+            .with_range(end)
+            .with_start_revision(revision + 1);
+        let mut stream = client.watch(start, Some(watch)).await?;
         self.metrics.etcd_connected.store(1, Ordering::Relaxed);
         while let Some(response) = stream.message().await? {
             if response.canceled() {
@@ -271,12 +317,13 @@ impl SyncRound<'_> {
                 };
                 return Err(RoundError::Cancelled(reason));
             }
-            if response.events().is_empty() {
-                continue;
-            }
+            let registry = &mut *self.registry;
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
                 let specs: Vec<usize> = registry.specs_for(kv.key()).collect();
+                if specs.is_empty() {
+                    continue;
+                }
                 for spec in specs {
                     let change = match event.event_type() {
                         EventType::Put => {
@@ -288,15 +335,74 @@ impl SyncRound<'_> {
                 }
                 registry.advance(u64::try_from(kv.mod_revision()).unwrap_or(0));
             }
-            self.publisher.publish(registry.snapshot(false));
+            // One watch response, one published revision.
+            self.publish(&epoch);
         }
         Err(RoundError::Closed)
     }
 }
 
+/// Names what revisions belong to: the etcd cluster and the watch
+/// configuration (the same revision of another cluster, or read through
+/// other prefixes, is other content).
+pub fn epoch(cluster_id: u64, specs: &[WatchSpec]) -> String {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = specs
+        .iter()
+        .flat_map(|s| [s.format.name(), "=", &s.prefix, "\n"])
+        .flat_map(str::bytes)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(PRIME)
+        });
+    format!("{cluster_id:016x}-{:08x}", hash as u32)
+}
+
+/// The smallest key range holding every spec's prefix.
+pub fn covering_range(specs: &[WatchSpec]) -> (Vec<u8>, Vec<u8>) {
+    let start = specs
+        .iter()
+        .map(|s| s.prefix.as_bytes().to_vec())
+        .min()
+        .unwrap_or_default();
+    let ends: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|s| prefix_end(s.prefix.as_bytes()))
+        .collect();
+    // `[0]` means "to the end of the keyspace" and beats every other end.
+    let end = if ends.iter().any(|e| e == &[0]) {
+        vec![0]
+    } else {
+        ends.into_iter().max().unwrap_or_default()
+    };
+    (start, end)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::*;
+
+    fn specs(list: &[&str]) -> Vec<WatchSpec> {
+        list.iter().map(|s| s.parse().expect("spec")).collect()
+    }
+
+    #[test]
+    fn one_range_covers_every_prefix() {
+        let (start, end) = covering_range(&specs(&["etcd-naming=openim/", "openim-v2=openim:///"]));
+        assert_eq!(
+            (start.as_slice(), end.as_slice()),
+            (&b"openim/"[..], &b"openim://0"[..])
+        );
+        let (start, end) = covering_range(&specs(&["etcd-naming=b/", "etcd-naming=a/"]));
+        assert_eq!((start.as_slice(), end.as_slice()), (&b"a/"[..], &b"b0"[..]));
+    }
+
+    #[test]
+    fn epochs_name_the_cluster_and_the_prefixes() {
+        let a = specs(&["etcd-naming=a/"]);
+        assert_eq!(epoch(1, &a), epoch(1, &a));
+        assert_ne!(epoch(1, &a), epoch(2, &a));
+        assert_ne!(epoch(1, &a), epoch(1, &specs(&["openim-v2=a/"])));
+    }
 
     #[test]
     fn prefix_ends() {

@@ -1,11 +1,11 @@
-//! The HTTP contract v1: snapshots (with ETag and long-poll), one service,
-//! health and readiness.
+//! The HTTP contract v1: snapshots (with ETag and long-poll), the change
+//! feed (deltas, with long-poll), one service, health and readiness.
 //!
 //! [`app`] builds the router without a socket, so tests can drive it
 //! directly; every error is an [`ApiError`], answered as JSON.
 
-use crate::metrics::Metrics;
-use crate::publish::{Published, Publisher};
+use crate::metrics::{Metrics, WaiterGuard};
+use crate::publish::{Cursor, Published, Publisher};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -13,6 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,13 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     /// Ends held long-polls at once when the server shuts down.
     pub shutdown: CancellationToken,
+    /// The most long-polls held at once; beyond it a long-poll is answered
+    /// 503 with `Retry-After` at once, so the others are never stalled.
+    pub max_long_polls: usize,
 }
+
+/// The default of `--max-long-polls`.
+pub const DEFAULT_MAX_LONG_POLLS: usize = 20_000;
 
 impl AppState {
     pub fn new(publisher: Publisher, shutdown: CancellationToken) -> Self {
@@ -38,6 +45,7 @@ impl AppState {
             metrics: Metrics::new(),
             token: None,
             shutdown,
+            max_long_polls: DEFAULT_MAX_LONG_POLLS,
         }
     }
 }
@@ -45,6 +53,7 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     let guarded = Router::new()
         .route("/v1/snapshot", get(snapshot))
+        .route("/v1/changes", get(changes))
         .route("/v1/services/{name}", get(service))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -88,7 +97,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(&state.publisher);
+    let body = state.metrics.render(&state.publisher, state.max_long_polls);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -97,6 +106,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds for `Retry-After`, when trying again later will work.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -104,6 +115,17 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn too_many_long_polls(max: usize) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{max} long-polls are held already; retry later"),
+            )
         }
     }
 
@@ -122,35 +144,69 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.message }).to_string();
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
-/// The query of `/v1/snapshot`.
+/// The query of `/v1/snapshot` and `/v1/changes`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SnapshotQuery {
     pub since: Option<u64>,
     pub wait: Duration,
+    /// `/v1/changes` only: the epoch of `since`.
+    pub epoch: Option<String>,
+    /// `/v1/changes` only: the services wanted (comma-separated names).
+    pub services: Option<BTreeSet<String>>,
 }
 
 impl SnapshotQuery {
+    /// Parses the query of `/v1/snapshot`.
     pub fn parse(query: Option<&str>) -> Result<Self, String> {
+        Self::parse_for(query, false)
+    }
+
+    /// Parses the query of `/v1/changes`, which also takes `epoch` and
+    /// `services`.
+    pub fn parse_changes(query: Option<&str>) -> Result<Self, String> {
+        Self::parse_for(query, true)
+    }
+
+    fn parse_for(query: Option<&str>, changes: bool) -> Result<Self, String> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+            .map_err(|e| format!("the query is not form-encoded: {e}"))?;
         let mut parsed = SnapshotQuery::default();
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        for (name, value) in pairs {
             let number = || {
                 value
                     .parse::<u64>()
                     .map_err(|_| format!("`{name}` must be a whole number, got {value:?}"))
             };
-            match name {
+            match name.as_str() {
                 "since" => parsed.since = Some(number()?),
                 "wait" => parsed.wait = Duration::from_secs(number()?).min(MAX_WAIT),
+                "epoch" if changes => parsed.epoch = Some(value),
+                "services" if changes => {
+                    let names: BTreeSet<String> = value
+                        .split(',')
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    if names.is_empty() {
+                        return Err("`services` names no service".into());
+                    }
+                    parsed.services = Some(names);
+                }
                 other => return Err(format!("unknown query parameter `{other}`")),
             }
         }
@@ -159,6 +215,20 @@ impl SnapshotQuery {
         }
         Ok(parsed)
     }
+}
+
+/// Holds one long-poll slot, or refuses when all are taken.
+fn long_poll_slot(state: &AppState) -> Result<WaiterGuard, ApiError> {
+    state
+        .metrics
+        .try_waiter(state.max_long_polls)
+        .ok_or_else(|| {
+            state
+                .metrics
+                .long_polls_refused_total
+                .fetch_add(1, Ordering::Relaxed);
+            ApiError::too_many_long_polls(state.max_long_polls)
+        })
 }
 
 async fn snapshot(
@@ -178,7 +248,7 @@ async fn snapshot(
         return Ok(full(&current));
     };
     // Long-poll: answer as soon as something newer than `since` is held.
-    let _waiting = state.metrics.waiter();
+    let _waiting = long_poll_slot(&state)?;
     let mut changes = state.publisher.subscribe();
     let deadline = tokio::time::Instant::now() + query.wait;
     loop {
@@ -194,8 +264,69 @@ async fn snapshot(
     }
 }
 
+/// The change feed: what changed after `since` (see the README's API
+/// section). Long-polls like `/v1/snapshot`; a scoped long-poll is held
+/// until a service in scope changes.
+async fn changes(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = SnapshotQuery::parse_changes(query.as_deref()).map_err(ApiError::bad_request)?;
+    let cursor = Cursor {
+        since: query.since,
+        epoch: query.epoch,
+        scope: query.services.map(Arc::new),
+    };
+    let answer = |current: &Published| {
+        current.changes(&cursor).map(|answer| {
+            let kind = if answer.full {
+                &state.metrics.changes_full_total
+            } else {
+                &state.metrics.changes_delta_total
+            };
+            kind.fetch_add(1, Ordering::Relaxed);
+            let mut response = Response::new(Body::from(answer.body.clone()));
+            set_headers(&mut response, Some(current));
+            response
+        })
+    };
+    let waiting = (query.wait > Duration::ZERO)
+        .then(|| long_poll_slot(&state))
+        .transpose()?;
+    let mut changes = state.publisher.subscribe();
+    let deadline = tokio::time::Instant::now() + query.wait;
+    loop {
+        let current = changes.borrow_and_update().clone();
+        let Some(current) = current else {
+            if waiting.is_none() {
+                return Err(ApiError::not_ready());
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return Err(ApiError::not_ready()) },
+                _ = tokio::time::sleep_until(deadline) => return Err(ApiError::not_ready()),
+                _ = state.shutdown.cancelled() => return Err(ApiError::not_ready()),
+            }
+            continue;
+        };
+        let ready = current
+            .changes(&cursor)
+            .is_some_and(|a| !(a.empty && cursor.scope.is_some()));
+        if ready || waiting.is_none() {
+            return Ok(answer(&current).unwrap_or_else(|| not_modified(Some(&current))));
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = state.shutdown.cancelled() => break,
+        }
+    }
+    // The wait ran out: an empty scoped delta still moves the client on.
+    let current = state.publisher.current().ok_or_else(ApiError::not_ready)?;
+    Ok(answer(&current).unwrap_or_else(|| not_modified(Some(&current))))
+}
+
 fn full(published: &Published) -> Response {
-    let mut response = Response::new(Body::from(published.body.clone()));
+    let mut response = Response::new(Body::from(published.snapshot_body()));
     set_headers(&mut response, Some(published));
     response
 }
@@ -225,15 +356,15 @@ async fn service(
 ) -> Result<Response, ApiError> {
     let current = state.publisher.current().ok_or_else(ApiError::not_ready)?;
     let service = current
-        .snapshot
+        .tables
         .services
-        .get(&name)
+        .get(name.as_str())
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no service {name:?}")))?;
     let body = serde_json::json!({
         "revision": current.revision(),
-        "stale": current.snapshot.stale,
+        "stale": current.stale,
         "name": name,
-        "endpoints": service.endpoints,
+        "endpoints": service.service.endpoints,
     });
     let mut response = Response::new(Body::from(body.to_string()));
     set_headers(&mut response, Some(&current));
@@ -269,9 +400,23 @@ mod tests {
             SnapshotQuery::parse(Some("since=5&wait=10")),
             Ok(SnapshotQuery {
                 since: Some(5),
-                wait: Duration::from_secs(10)
+                wait: Duration::from_secs(10),
+                ..SnapshotQuery::default()
             })
         );
+        let changes = SnapshotQuery::parse_changes(Some("since=5&epoch=a-b&services=x.Y%2Cz,w"))
+            .expect("valid");
+        assert_eq!(changes.epoch.as_deref(), Some("a-b"));
+        assert_eq!(
+            changes
+                .services
+                .expect("scoped")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["w", "x.Y", "z"]
+        );
+        assert!(SnapshotQuery::parse(Some("since=5&epoch=a")).is_err());
+        assert!(SnapshotQuery::parse_changes(Some("services=,")).is_err());
         assert_eq!(
             SnapshotQuery::parse(Some("since=5&wait=100000")).map(|q| q.wait),
             Ok(MAX_WAIT)

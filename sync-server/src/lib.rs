@@ -21,7 +21,7 @@ pub mod snapshot_file;
 use crate::etcd::EtcdOptions;
 use crate::format::WatchSpec;
 use crate::http::{app, AppState};
-use crate::publish::Publisher;
+use crate::publish::{HistoryLimits, Publisher};
 use crate::registry::Registry;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +38,10 @@ pub struct Config {
     pub snapshot_file: Option<PathBuf>,
     /// The bearer token `/v1/*` and `/metrics` require, if any.
     pub token: Option<String>,
+    /// How much change history is kept for deltas.
+    pub history: HistoryLimits,
+    /// The most long-polls held at once.
+    pub max_long_polls: usize,
 }
 
 impl Config {
@@ -47,6 +51,8 @@ impl Config {
             watches,
             snapshot_file: None,
             token: None,
+            history: HistoryLimits::default(),
+            max_long_polls: http::DEFAULT_MAX_LONG_POLLS,
         }
     }
 }
@@ -62,16 +68,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let publisher = Publisher::new();
+    let publisher = Publisher::new(config.history);
     if let Some(snapshot) = config
         .snapshot_file
         .as_deref()
         .and_then(snapshot_file::load)
     {
-        publisher.publish(snapshot);
+        publisher.publish_loaded(&snapshot);
     }
     let mut state = AppState::new(publisher.clone(), shutdown.clone());
     state.token = config.token.map(Arc::from);
+    state.max_long_polls = config.max_long_polls;
     let sync = tokio::spawn(etcd::sync(
         config.etcd,
         Registry::new(config.watches),

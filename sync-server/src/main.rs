@@ -74,6 +74,21 @@ struct Cli {
     /// File holding the etcd user's password.
     #[arg(long, env = "SYNC_SERVER_ETCD_PASSWORD_FILE", requires = "etcd_user")]
     etcd_password_file: Option<PathBuf>,
+
+    /// Revisions of change history kept for /v1/changes; a client further
+    /// behind gets the full tables.
+    #[arg(long, env = "SYNC_SERVER_HISTORY_CHANGES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    history_changes: u64,
+
+    /// The most bytes that change history may take.
+    #[arg(long, env = "SYNC_SERVER_HISTORY_BYTES", default_value_t = 64 << 20)]
+    history_bytes: usize,
+
+    /// The most long-polls held at once; more are answered 503 with
+    /// Retry-After.
+    #[arg(long, env = "SYNC_SERVER_MAX_LONG_POLLS", default_value_t = sync_server::http::DEFAULT_MAX_LONG_POLLS)]
+    max_long_polls: usize,
 }
 
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -110,6 +125,11 @@ impl Cli {
         }
         let mut config = sync_server::Config::new(etcd, self.watches);
         config.snapshot_file = self.snapshot_file;
+        config.history = sync_server::publish::HistoryLimits {
+            changes: usize::try_from(self.history_changes).unwrap_or(usize::MAX),
+            bytes: self.history_bytes,
+        };
+        config.max_long_polls = self.max_long_polls;
         config.token = match &self.token_file {
             Some(path) => Some(read_secret(path, "token file")?),
             None => None,

@@ -21,6 +21,11 @@ pub struct Metrics {
     pub long_poll_waiters: AtomicUsize,
     /// Requests refused for a missing or wrong bearer token.
     pub unauthorized_total: AtomicU64,
+    /// Long-polls refused because the most allowed were held.
+    pub long_polls_refused_total: AtomicU64,
+    /// Change-feed answers by kind.
+    pub changes_full_total: AtomicU64,
+    pub changes_delta_total: AtomicU64,
 }
 
 impl Metrics {
@@ -28,23 +33,30 @@ impl Metrics {
         Arc::new(Metrics::default())
     }
 
-    /// Counts one held long-poll for as long as the guard lives.
-    pub fn waiter(self: &Arc<Self>) -> WaiterGuard {
-        self.long_poll_waiters.fetch_add(1, Ordering::Relaxed);
-        WaiterGuard(Arc::clone(self))
+    /// Counts one held long-poll for as long as the guard lives, unless
+    /// `max` are held already.
+    pub fn try_waiter(self: &Arc<Self>, max: usize) -> Option<WaiterGuard> {
+        self.long_poll_waiters
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < max).then_some(held + 1)
+            })
+            .ok()?;
+        Some(WaiterGuard(Arc::clone(self)))
     }
 
-    pub fn render(&self, publisher: &Publisher) -> String {
+    pub fn render(&self, publisher: &Publisher, max_long_polls: usize) -> String {
         let current = publisher.current();
-        let snapshot = current.as_ref().map(|p| &p.snapshot);
-        let services = snapshot.map_or(0, |s| s.services.len());
-        let endpoints =
-            snapshot.map_or(0, |s| s.services.values().map(|s| s.endpoints.len()).sum());
-        let rejected = snapshot.map_or(0, |s| s.rejected.len());
-        let revision = snapshot.map_or(0, |s| s.revision);
-        let stale = snapshot.is_some_and(|s| s.stale);
+        let tables = current.as_ref().map(|p| &p.tables);
+        let services = tables.map_or(0, |t| t.services.len());
+        let endpoints = tables.map_or(0, |t| t.endpoints);
+        let rejected = tables.map_or(0, |t| t.rejected.len());
+        let digest = tables.map_or(0, |t| t.digest.value());
+        let revision = current.as_ref().map_or(0, |p| p.revision);
+        let stale = current.as_ref().is_some_and(|p| p.stale);
+        let history = current.as_ref().map_or(0, |p| p.history.len());
+        let floor = current.as_ref().map_or(0, |p| p.history.floor());
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 11] = [
+        let rows: [(&str, &str, &str, u64); 18] = [
             (
                 "sync_server_ready",
                 "gauge",
@@ -104,6 +116,48 @@ impl Metrics {
                 "gauge",
                 "long-polls being held",
                 self.long_poll_waiters.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "sync_server_long_poll_limit",
+                "gauge",
+                "the most long-polls held at once (--max-long-polls)",
+                max_long_polls as u64,
+            ),
+            (
+                "sync_server_long_polls_refused_total",
+                "counter",
+                "long-polls answered 503 because the limit was reached",
+                load(&self.long_polls_refused_total),
+            ),
+            (
+                "sync_server_tables_digest",
+                "gauge",
+                "digest of the served services (the plugin's table_digest when it holds the same)",
+                digest,
+            ),
+            (
+                "sync_server_history_changes",
+                "gauge",
+                "revisions held in the change history",
+                history as u64,
+            ),
+            (
+                "sync_server_history_floor_revision",
+                "gauge",
+                "the oldest revision a delta can start from",
+                floor,
+            ),
+            (
+                "sync_server_changes_full_total",
+                "counter",
+                "change-feed answers that carried everything",
+                load(&self.changes_full_total),
+            ),
+            (
+                "sync_server_changes_delta_total",
+                "counter",
+                "change-feed answers that carried changes only",
+                load(&self.changes_delta_total),
             ),
             (
                 "sync_server_unauthorized_total",

@@ -1,21 +1,130 @@
-//! The registrations sync-server has seen, and the snapshot built from them.
+//! The registrations sync-server has seen, and the tables built from them.
 //!
 //! Pure state: the etcd loop feeds it a listing and then watch events, and
-//! asks for a snapshot after each batch. Nothing here does I/O.
+//! calls [`Registry::commit`] after each batch. A commit rebuilds only the
+//! services whose keys changed and reports which services and rejections
+//! really changed, so the cost of a change is the size of the change. The
+//! built tables are persistent maps: a published copy costs O(1), and
+//! each service is encoded once, when it changes. Nothing here does I/O.
 //!
 //! Duplicates: when one service has the same address under two keys, the
 //! most recently written key (highest `mod_revision`, then the greater key)
 //! gives the endpoint and the other is listed under `rejected`.
 
 use crate::format::{parse, Registration, WatchSpec};
-use etcd_mesh_wire::{Endpoint, Rejected, Service, Snapshot};
-use std::collections::{btree_map, BTreeMap, HashMap};
+use etcd_mesh_wire::{Digest, Endpoint, Service};
+use serde_json::value::RawValue;
+use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+/// One service as served: decoded, encoded once, and hashed once.
+#[derive(Debug)]
+pub struct BuiltService {
+    pub service: Service,
+    /// The canonical JSON of `service` ([`Service::encode`]).
+    pub json: Box<RawValue>,
+    /// Its contribution to the tables' [`Digest`].
+    pub digest: u64,
+}
+
+impl BuiltService {
+    pub fn new(name: &str, service: Service) -> Self {
+        let encoded = String::from_utf8(service.encode()).unwrap_or_default();
+        let digest = Digest::of_encoded(name, encoded.as_bytes());
+        let json = RawValue::from_string(encoded)
+            .unwrap_or_else(|_| RawValue::from_string("{}".into()).unwrap_or_default());
+        BuiltService {
+            service,
+            json,
+            digest,
+        }
+    }
+}
+
+/// Services by name. Cloning one is O(1).
+pub type Services = imbl::OrdMap<Arc<str>, Arc<BuiltService>>;
+/// Rejection reasons by key. Cloning one is O(1).
+pub type Rejections = imbl::OrdMap<Arc<str>, Arc<str>>;
+
+/// The built tables at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub services: Services,
+    pub rejected: Rejections,
+    pub digest: Digest,
+    pub endpoints: usize,
+}
+
+impl Tables {
+    /// Tables holding `snapshot`'s content (a snapshot file, a test).
+    pub fn from_snapshot(snapshot: &etcd_mesh_wire::Snapshot) -> Self {
+        let mut tables = Tables::default();
+        for (name, service) in &snapshot.services {
+            tables.set_service(name, Some(service.clone()));
+        }
+        for rejected in &snapshot.rejected {
+            tables.rejected.insert(
+                rejected.key.as_str().into(),
+                rejected.reason.as_str().into(),
+            );
+        }
+        tables
+    }
+
+    /// Puts (or with `None` removes) a service; false if nothing changed.
+    fn set_service(&mut self, name: &str, service: Option<Service>) -> bool {
+        let held = self.services.get(name);
+        if held.map(|b| &b.service) == service.as_ref() {
+            return false;
+        }
+        if let Some(old) = held {
+            self.digest.remove(old.digest);
+            self.endpoints -= old.service.endpoints.len();
+        }
+        match service {
+            Some(service) => {
+                let built = BuiltService::new(name, service);
+                self.digest.add(built.digest);
+                self.endpoints += built.service.endpoints.len();
+                self.services.insert(name.into(), Arc::new(built));
+            }
+            None => {
+                self.services.remove(name);
+            }
+        }
+        true
+    }
+
+    /// Sets (or with `None` clears) a rejection; false if nothing changed.
+    fn set_rejection(&mut self, key: &str, reason: Option<String>) -> bool {
+        if self.rejected.get(key).map(|r| &**r) == reason.as_deref() {
+            return false;
+        }
+        match reason {
+            Some(reason) => self.rejected.insert(key.into(), reason.into()),
+            None => self.rejected.remove(key),
+        };
+        true
+    }
+}
+
+/// What one commit changed: the services added, changed or removed, and
+/// the keys whose rejection appeared, changed or went.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Commit {
+    pub services: Vec<Arc<str>>,
+    pub rejections: Vec<Arc<str>>,
+}
 
 #[derive(Debug)]
 struct Entry {
     mod_revision: i64,
     parsed: Result<Registration, String>,
 }
+
+/// A key under one spec: a key under two overlapping prefixes is read once
+/// per prefix.
+type Id = (usize, Vec<u8>);
 
 /// What a change did, so the caller can log each rejection once.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,22 +138,34 @@ pub enum Change {
 #[derive(Debug)]
 pub struct Registry {
     specs: Vec<WatchSpec>,
-    /// By (index of the spec, key): a key under two overlapping prefixes is
-    /// read once per prefix.
-    entries: BTreeMap<(usize, Vec<u8>), Entry>,
+    entries: HashMap<Id, Entry>,
+    /// The entries that parsed, by service.
+    by_service: HashMap<String, BTreeSet<Id>>,
+    /// Entries that lost a duplicate address to a newer key, with why.
+    duplicates: HashMap<Id, String>,
     revision: u64,
     /// The `mod_revision` of each rejected key already reported, so that a
     /// re-listing does not report (log, count) the same rejection again.
-    reported: HashMap<(usize, Vec<u8>), i64>,
+    reported: HashMap<Id, i64>,
+    /// What changed since the last commit.
+    touched_services: HashSet<String>,
+    touched_keys: HashSet<Vec<u8>>,
+    /// The tables as of the last commit.
+    tables: Tables,
 }
 
 impl Registry {
     pub fn new(specs: Vec<WatchSpec>) -> Self {
         Registry {
             specs,
-            entries: BTreeMap::new(),
+            entries: HashMap::new(),
+            by_service: HashMap::new(),
+            duplicates: HashMap::new(),
             revision: 0,
             reported: HashMap::new(),
+            touched_services: HashSet::new(),
+            touched_keys: HashSet::new(),
+            tables: Tables::default(),
         }
     }
 
@@ -52,9 +173,26 @@ impl Registry {
         &self.specs
     }
 
-    /// Forgets everything, for a fresh listing at `revision`.
+    /// The revision the registrations are consistent at.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The tables as of the last commit.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// Forgets every registration, for a fresh listing at `revision`. The
+    /// tables stay until the next commit, which reports what differs.
     pub fn reset(&mut self, revision: u64) {
         self.entries.clear();
+        self.by_service.clear();
+        self.duplicates.clear();
+        self.touched_services
+            .extend(self.tables.services.keys().map(|n| n.to_string()));
+        self.touched_keys
+            .extend(self.tables.rejected.keys().map(|k| k.as_bytes().to_vec()));
         self.revision = revision;
     }
 
@@ -86,86 +224,154 @@ impl Registry {
             }
             Err(_) if self.reported.get(&id) == Some(&mod_revision) => Change::Unchanged,
             Err(reason) => {
-                self.reported.insert(id, mod_revision);
+                self.reported.insert(id.clone(), mod_revision);
                 Change::Rejected(reason.clone())
             }
         };
-        self.entries.insert(
-            (spec, key.to_vec()),
-            Entry {
-                mod_revision,
-                parsed,
-            },
-        );
+        match &parsed {
+            Ok(registration) => {
+                self.touched_services.insert(registration.service.clone());
+                self.by_service
+                    .entry(registration.service.clone())
+                    .or_default()
+                    .insert(id.clone());
+            }
+            Err(_) => {
+                self.touched_keys.insert(key.to_vec());
+            }
+        }
+        let entry = Entry {
+            mod_revision,
+            parsed,
+        };
+        if let Some(old) = self.entries.insert(id.clone(), entry) {
+            self.forget(&id, old, true);
+        }
         change
     }
 
     pub fn delete(&mut self, spec: usize, key: &[u8]) -> Change {
-        self.reported.remove(&(spec, key.to_vec()));
-        match self.entries.remove(&(spec, key.to_vec())) {
-            Some(_) => Change::Removed,
+        let id = (spec, key.to_vec());
+        self.reported.remove(&id);
+        match self.entries.remove(&id) {
+            Some(old) => {
+                self.forget(&id, old, false);
+                Change::Removed
+            }
             None => Change::Unchanged,
         }
     }
 
-    /// Builds the snapshot: services and endpoints sorted, so every replica
-    /// serves the same bytes for the same revision.
-    pub fn snapshot(&self, stale: bool) -> Snapshot {
-        // service → addr → (mod_revision, key, endpoint) of the current winner.
-        type Held<'a> = (i64, &'a [u8], &'a Endpoint);
-        let mut services: BTreeMap<&str, BTreeMap<&str, Held<'_>>> = BTreeMap::new();
-        let mut rejected = Vec::new();
-        for ((_, key), entry) in &self.entries {
-            let registration = match &entry.parsed {
-                Ok(registration) => registration,
-                Err(reason) => {
-                    rejected.push(Rejected {
-                        key: lossy(key),
-                        reason: reason.clone(),
-                    });
-                    continue;
+    /// Unlinks what `old` (the entry `id` held) contributed; `replaced`
+    /// when a new entry already took its place.
+    fn forget(&mut self, id: &Id, old: Entry, replaced: bool) {
+        match old.parsed {
+            Ok(registration) => {
+                let still_there = replaced
+                    && matches!(&self.entries.get(id).map(|e| &e.parsed),
+                        Some(Ok(r)) if r.service == registration.service);
+                if !still_there {
+                    if let Some(ids) = self.by_service.get_mut(&registration.service) {
+                        ids.remove(id);
+                        if ids.is_empty() {
+                            self.by_service.remove(&registration.service);
+                        }
+                    }
                 }
+                self.touched_services.insert(registration.service);
+            }
+            Err(_) => {
+                self.touched_keys.insert(id.1.clone());
+            }
+        }
+        if self.duplicates.remove(id).is_some() {
+            self.touched_keys.insert(id.1.clone());
+        }
+    }
+
+    /// Rebuilds what changed since the last commit and says what differs.
+    pub fn commit(&mut self) -> Commit {
+        let mut commit = Commit::default();
+        let mut names: Vec<String> = self.touched_services.drain().collect();
+        names.sort();
+        for name in names {
+            let service = self.build(&name);
+            if self.tables.set_service(&name, service) {
+                commit.services.push(name.as_str().into());
+            }
+        }
+        let mut keys: Vec<Vec<u8>> = self.touched_keys.drain().collect();
+        keys.sort();
+        for key in keys {
+            let reasons: Vec<&str> = (0..self.specs.len())
+                .filter_map(|spec| {
+                    let id = (spec, key.clone());
+                    match self.entries.get(&id).map(|e| &e.parsed) {
+                        Some(Err(reason)) => Some(reason.as_str()),
+                        _ => self.duplicates.get(&id).map(String::as_str),
+                    }
+                })
+                .collect();
+            let reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+            let key = lossy(&key);
+            if self.tables.set_rejection(&key, reason) {
+                commit.rejections.push(key.into());
+            }
+        }
+        commit
+    }
+
+    /// The endpoints of one service from its entries, sorted by address;
+    /// `None` when it has none. Records the duplicates it finds.
+    fn build(&mut self, name: &str) -> Option<Service> {
+        let ids = self.by_service.get(name)?;
+        // addr → (mod_revision, id, endpoint) of the current winner.
+        type Held<'a> = (i64, &'a Id, &'a Endpoint);
+        let mut by_addr: BTreeMap<&str, Held<'_>> = BTreeMap::new();
+        let mut losers = Vec::new();
+        for id in ids {
+            let Some(Entry {
+                mod_revision,
+                parsed: Ok(registration),
+            }) = self.entries.get(id)
+            else {
+                continue;
             };
-            let candidate: Held<'_> = (entry.mod_revision, key, &registration.endpoint);
-            let by_addr = services.entry(&registration.service).or_default();
+            let candidate: Held<'_> = (*mod_revision, id, &registration.endpoint);
             match by_addr.entry(&registration.endpoint.addr) {
                 btree_map::Entry::Vacant(slot) => {
                     slot.insert(candidate);
                 }
                 btree_map::Entry::Occupied(mut slot) => {
                     let held = *slot.get();
-                    let (winner, loser) = if (candidate.0, candidate.1) > (held.0, held.1) {
+                    let newer = (candidate.0, &candidate.1 .1) > (held.0, &held.1 .1);
+                    let (winner, loser) = if newer {
                         (candidate, held)
                     } else {
                         (held, candidate)
                     };
                     slot.insert(winner);
-                    rejected.push(Rejected {
-                        key: lossy(loser.1),
-                        reason: format!(
-                            "address {} of service {:?} is also registered by the newer key {:?}",
-                            registration.endpoint.addr,
-                            registration.service,
-                            lossy(winner.1)
-                        ),
-                    });
+                    losers.push((loser.1.clone(), winner.1 .1.clone(), loser.2.addr.clone()));
                 }
             }
         }
-        rejected.sort_by(|a, b| a.key.cmp(&b.key));
-        let services = services
-            .into_iter()
-            .map(|(name, by_addr)| {
-                let endpoints = by_addr.into_values().map(|(_, _, e)| e.clone()).collect();
-                (name.to_owned(), Service { endpoints })
-            })
-            .collect();
-        Snapshot {
-            revision: self.revision,
-            stale,
-            services,
-            rejected,
+        let endpoints: Vec<Endpoint> = by_addr.into_values().map(|(_, _, e)| e.clone()).collect();
+        let ids: Vec<Id> = ids.iter().cloned().collect();
+        for id in ids {
+            if self.duplicates.remove(&id).is_some() {
+                self.touched_keys.insert(id.1.clone());
+            }
         }
+        for (loser, winner_key, addr) in losers {
+            let reason = format!(
+                "address {addr} of service {name:?} is also registered by the newer key {:?}",
+                lossy(&winner_key)
+            );
+            self.touched_keys.insert(loser.1.clone());
+            self.duplicates.insert(loser, reason);
+        }
+        // The duplicates' rejections are settled in this same commit.
+        (!endpoints.is_empty()).then_some(Service { endpoints })
     }
 }
 
@@ -176,6 +382,7 @@ fn lossy(key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etcd_mesh_wire::Snapshot;
 
     fn registry() -> Registry {
         Registry::new(vec![
@@ -188,14 +395,36 @@ mod tests {
         format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#).into_bytes()
     }
 
+    fn snapshot(r: &mut Registry) -> Snapshot {
+        r.commit();
+        let tables = r.tables();
+        Snapshot {
+            revision: r.revision(),
+            stale: false,
+            services: tables
+                .services
+                .iter()
+                .map(|(n, b)| (n.to_string(), b.service.clone()))
+                .collect(),
+            rejected: tables
+                .rejected
+                .iter()
+                .map(|(k, reason)| etcd_mesh_wire::Rejected {
+                    key: k.to_string(),
+                    reason: reason.to_string(),
+                })
+                .collect(),
+        }
+    }
+
     #[test]
-    fn builds_sorted_snapshots_from_both_formats() {
+    fn builds_sorted_tables_from_both_formats() {
         let mut r = registry();
         r.reset(10);
         r.put(0, b"svc/demo.Echo/b", &naming("127.0.0.1:2", 2), 5);
         r.put(0, b"svc/demo.Echo/a", &naming("127.0.0.1:1", 1), 6);
         r.put(1, b"openim:///User/10.0.0.1:7", b"10.0.0.1:7", 7);
-        let s = r.snapshot(false);
+        let s = snapshot(&mut r);
         assert_eq!(s.revision, 10);
         let echo: Vec<(&str, u32)> = s.services["demo.Echo"]
             .endpoints
@@ -207,7 +436,83 @@ mod tests {
         assert!(s.rejected.is_empty());
         assert_eq!(r.delete(0, b"svc/demo.Echo/a"), Change::Removed);
         assert_eq!(r.delete(0, b"svc/demo.Echo/a"), Change::Unchanged);
-        assert_eq!(r.snapshot(false).services["demo.Echo"].endpoints.len(), 1);
+        assert_eq!(snapshot(&mut r).services["demo.Echo"].endpoints.len(), 1);
+    }
+
+    #[test]
+    fn commits_report_only_what_really_changed() {
+        let mut r = registry();
+        r.put(0, b"svc/a/1", &naming("127.0.0.1:1", 1), 2);
+        r.put(0, b"svc/b/1", &naming("127.0.0.1:2", 1), 3);
+        r.put(0, b"svc/bad/1", b"{", 4);
+        let first = r.commit();
+        assert_eq!(first.services, [Arc::from("a"), Arc::from("b")]);
+        assert_eq!(first.rejections, [Arc::from("svc/bad/1")]);
+        // The same value again, and a weight change in one service.
+        r.put(0, b"svc/a/1", &naming("127.0.0.1:1", 1), 5);
+        r.put(0, b"svc/b/1", &naming("127.0.0.1:2", 4), 6);
+        assert_eq!(r.commit().services, [Arc::from("b")]);
+        // A re-listing with one service gone and the rejection fixed.
+        r.reset(9);
+        r.put(0, b"svc/a/1", &naming("127.0.0.1:1", 1), 5);
+        r.put(0, b"svc/bad/1", &naming("127.0.0.1:3", 1), 8);
+        let relisted = r.commit();
+        assert_eq!(relisted.services, [Arc::from("b"), Arc::from("bad")]);
+        assert_eq!(relisted.rejections, [Arc::from("svc/bad/1")]);
+        assert!(r.tables().rejected.is_empty());
+        assert_eq!(r.tables().endpoints, 2);
+        assert_eq!(r.commit(), Commit::default());
+    }
+
+    #[test]
+    fn digest_and_counts_match_a_fresh_build() {
+        // Built change by change, or at once from the end state: the same.
+        let mut r = registry();
+        let mut rng = 7u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            rng >> 33
+        };
+        for revision in 1..400i64 {
+            let key = format!("svc/s{}/{}", next() % 5, next() % 6);
+            let addr = format!("127.0.0.1:{}", 1 + next() % 8);
+            match next() % 4 {
+                0 => {
+                    r.delete(0, key.as_bytes());
+                }
+                1 => {
+                    r.put(0, key.as_bytes(), b"garbage", revision);
+                }
+                _ => {
+                    r.put(
+                        0,
+                        key.as_bytes(),
+                        &naming(&addr, (next() % 3) as u32),
+                        revision,
+                    );
+                }
+            }
+            if next() % 3 == 0 {
+                r.commit();
+            }
+        }
+        let incremental = snapshot(&mut r);
+        let fresh = Tables::from_snapshot(&incremental);
+        assert_eq!(fresh.digest, r.tables().digest);
+        assert_eq!(fresh.endpoints, r.tables().endpoints);
+        let mut rebuilt = registry();
+        for (id, entry) in &r.entries {
+            let _ = entry;
+            let value = match &r.entries[id].parsed {
+                Ok(reg) => naming(&reg.endpoint.addr, reg.endpoint.weight),
+                Err(_) => b"garbage".to_vec(),
+            };
+            rebuilt.put(id.0, &id.1, &value, r.entries[id].mod_revision);
+        }
+        rebuilt.advance(r.revision());
+        assert_eq!(snapshot(&mut rebuilt), incremental);
     }
 
     #[test]
@@ -215,8 +520,7 @@ mod tests {
         let mut r = registry();
         assert!(matches!(r.put(0, b"svc/s/x", b"{", 3), Change::Rejected(_)));
         r.put(0, b"svc/s/y", &naming("127.0.0.1:1", 1), 4);
-        let s = r.snapshot(true);
-        assert!(s.stale);
+        let s = snapshot(&mut r);
         assert_eq!(s.rejected.len(), 1);
         assert_eq!(s.rejected[0].key, "svc/s/x");
         assert_eq!(s.services["s"].endpoints.len(), 1);
@@ -229,7 +533,7 @@ mod tests {
         ));
         // Fixing the value clears the rejection.
         r.put(0, b"svc/s/x", &naming("127.0.0.1:2", 1), 5);
-        assert!(r.snapshot(false).rejected.is_empty());
+        assert!(snapshot(&mut r).rejected.is_empty());
     }
 
     #[test]
@@ -244,7 +548,7 @@ mod tests {
                 let (key, value, rev) = &puts[i];
                 r.put(0, key, value, *rev);
             }
-            let s = r.snapshot(false);
+            let s = snapshot(&mut r);
             assert_eq!(s.services["s"].endpoints.len(), 1);
             assert_eq!(s.services["s"].endpoints[0].weight, 9);
             assert_eq!(s.rejected.len(), 1);
@@ -254,6 +558,11 @@ mod tests {
                 "{}",
                 s.rejected[0].reason
             );
+            // The newer key goes: the older one gives the endpoint again.
+            r.delete(0, b"svc/s/new");
+            let s = snapshot(&mut r);
+            assert_eq!(s.services["s"].endpoints[0].weight, 1);
+            assert!(s.rejected.is_empty(), "{:?}", s.rejected);
         }
     }
 

@@ -70,10 +70,8 @@ pub async fn persist(publisher: Publisher, path: PathBuf, shutdown: Cancellation
     let mut written = None;
     loop {
         let current = changes.borrow_and_update().clone();
-        if let Some(current) =
-            current.filter(|c| !c.snapshot.stale && Some(c.revision()) != written)
-        {
-            let (target, body) = (path.clone(), current.body.clone());
+        if let Some(current) = current.filter(|c| !c.stale && Some(c.revision()) != written) {
+            let (target, body) = (path.clone(), current.snapshot_body());
             let result = tokio::task::spawn_blocking(move || write_atomic(&target, &body)).await;
             match result {
                 Ok(Ok(())) => written = Some(current.revision()),
