@@ -38,6 +38,9 @@ pub struct PollerConfig {
     /// Sent as `Authorization: Bearer <token>` when sync-server wants one.
     #[serde(default)]
     pub bearer_token: Option<String>,
+    /// The services this Envoy routes to; only these travel. All when unset.
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
 }
 
 /// Where the registry name of a call's service comes from.
@@ -175,6 +178,16 @@ impl PluginConfig {
                         "`bearer_token` is empty or has spaces or control characters".into(),
                     );
                 }
+                if let Some(services) = &poller.services {
+                    if services.is_empty() {
+                        return Err("`services` is empty (leave it out to route to all)".into());
+                    }
+                    if let Some(bad) = services.iter().find(|n| n.is_empty() || n.contains(',')) {
+                        return Err(format!(
+                            "`services` has the name {bad:?}: empty or with a comma"
+                        ));
+                    }
+                }
             }
             PluginConfig::Router(router) => {
                 if let ServiceFrom::Header(name) = &router.service_from {
@@ -241,6 +254,7 @@ mod tests {
                 timeout_margin_ms: 5_000,
                 max_backoff_ms: 5_000,
                 bearer_token: None,
+                services: None,
             }))
         );
         assert_eq!(
@@ -296,6 +310,8 @@ mod tests {
             (br#"{"role":"poller","cluster":"s","wait_seconds":"x"}"#, "invalid type"),
             (br#"{"role":"poller","cluster":""}"#, "cluster"),
             (br#"{"role":"poller","cluster":"s","bearer_token":"a b"}"#, "bearer_token"),
+            (br#"{"role":"poller","cluster":"s","services":[]}"#, "services"),
+            (br#"{"role":"poller","cluster":"s","services":["a,b"]}"#, "comma"),
             (br#"{"role":"pollster"}"#, "pollster"),
             (br#"{"cluster":"s"}"#, "role"),
             (br#"{"role":"router","extra":1}"#, "extra"),

@@ -12,13 +12,14 @@
 use crate::config::{
     HostOverride, OutlierConfig, PluginConfig, PollerConfig, RouterConfig, ServiceFrom,
 };
+use crate::feed::{index_names, service_key, ChangeLog, PollerTables, CHANGES_KEY, INDEX_KEY};
 use crate::filter_state::{original_dst_arguments, SET_FILTER_STATE};
 use crate::naming::{service_from_authority, service_from_grpc_path};
 use crate::outlier::{is_failure, Ejections, FailureCounter};
 use crate::poll::PollSchedule;
 use crate::tables::{Pick, WorkerTables};
-use crate::{Version, EJECTIONS_KEY, TABLES_KEY, VERSION_KEY};
-use etcd_mesh_wire::Snapshot;
+use crate::{Version, EJECTIONS_KEY, VERSION_KEY};
+use etcd_mesh_wire::Changes;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{
@@ -55,11 +56,33 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The host clock in nanoseconds: the seed of each VM's randomness (the
+/// wasm32-unknown-unknown target has no other source).
 fn clock_seed() -> u64 {
     now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// The host clock in microseconds, for measuring how long work took.
+fn now_us() -> u64 {
+    now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A shared-data value; `Ok(None)` when the key holds nothing yet.
+fn shared(key: &str) -> Result<Option<Vec<u8>>, String> {
+    hostcalls::get_shared_data(key)
+        .map(|(value, _)| value)
+        .map_err(|status| format!("cannot read shared data {key:?}: {status:?}"))
+}
+
+fn set_shared(key: &str, value: &[u8]) -> Result<(), String> {
+    hostcalls::set_shared_data(key, Some(value), None)
+        .map_err(|status| format!("shared data refused {key:?}: {status:?}"))
 }
 
 /// Reads, changes and writes a shared-data value, retrying when another
@@ -123,7 +146,7 @@ struct MeshRoot {
 }
 
 enum Role {
-    Poller(Poller),
+    Poller(Box<Poller>),
     Router(Router),
     Noop,
 }
@@ -150,7 +173,9 @@ impl RootContext for MeshRoot {
             }
         };
         let (role, tick) = match config {
-            PluginConfig::Poller(config) => (Role::Poller(Poller::new(config)), POLLER_TICK),
+            PluginConfig::Poller(config) => {
+                (Role::Poller(Box::new(Poller::new(config))), POLLER_TICK)
+            }
             PluginConfig::Router(config) => (Role::Router(Router::new(config)), ROUTER_TICK),
             PluginConfig::Noop => (Role::Noop, Duration::ZERO),
         };
@@ -188,6 +213,7 @@ impl RootContext for MeshRoot {
 /// The singleton that keeps shared data up to date.
 struct Poller {
     schedule: PollSchedule,
+    tables: PollerTables,
     in_flight: Option<u32>,
     next_poll_at: SystemTime,
     /// When sync-server last answered (200 or 304).
@@ -196,12 +222,16 @@ struct Poller {
     failed: Metric,
     revision: Metric,
     age: Metric,
+    digest: Metric,
+    services: Metric,
+    apply_us: Metric,
 }
 
 impl Poller {
     fn new(config: PollerConfig) -> Poller {
         Poller {
             schedule: PollSchedule::new(config, clock_seed()),
+            tables: PollerTables::default(),
             in_flight: None,
             next_poll_at: UNIX_EPOCH,
             last_answer: None,
@@ -209,6 +239,9 @@ impl Poller {
             failed: Metric::define(MetricType::Counter, "etcd_mesh.polls_failed"),
             revision: Metric::define(MetricType::Gauge, "etcd_mesh.table_revision"),
             age: Metric::define(MetricType::Gauge, "etcd_mesh.table_age_ms"),
+            digest: Metric::define(MetricType::Gauge, "etcd_mesh.table_digest"),
+            services: Metric::define(MetricType::Gauge, "etcd_mesh.table_services"),
+            apply_us: Metric::define(MetricType::Gauge, "etcd_mesh.poll_apply_us"),
         }
     }
 
@@ -225,7 +258,7 @@ impl Poller {
 
     fn poll(&mut self) {
         let config = self.schedule.config();
-        let path = self.schedule.path();
+        let path = self.schedule.path(self.tables.cursor());
         let authorization = config.bearer_token.as_ref().map(|t| format!("Bearer {t}"));
         let mut headers = vec![
             (":method", "GET"),
@@ -278,18 +311,37 @@ impl Poller {
         }
     }
 
-    /// Validates a snapshot body and publishes it if it is newer.
+    /// Validates a change-feed answer and, if it is newer, writes what
+    /// changed to shared data: the services, the index when names came or
+    /// went, the change log, then the version workers watch.
     fn store(&mut self, body: &[u8]) -> Result<(), String> {
-        let snapshot = Snapshot::decode(body).map_err(|e| e.to_string())?;
-        if !self.schedule.is_newer(snapshot.revision) {
+        let started = now_us();
+        let changes = Changes::decode(body).map_err(|e| e.to_string())?;
+        let revision = changes.revision;
+        let Some(update) = self.tables.apply(changes)? else {
             return Ok(());
+        };
+        let written = (|| {
+            for (name, value) in &update.services {
+                set_shared(&service_key(name), value)?;
+            }
+            if let Some(index) = &update.index {
+                set_shared(INDEX_KEY, index)?;
+            }
+            set_shared(CHANGES_KEY, &update.log)?;
+            bump_version(|v| v.tables = update.seq)
+                .map(drop)
+                .map_err(|status| format!("shared data refused the version: {status:?}"))
+        })();
+        if let Err(e) = written {
+            // Start over from a full answer, which rewrites every service.
+            self.tables.forget_cursor();
+            return Err(e);
         }
-        let revision = snapshot.revision;
-        hostcalls::set_shared_data(TABLES_KEY, Some(body), None)
-            .and_then(|()| bump_version(|v| v.tables = revision))
-            .map_err(|status| format!("a snapshot that shared data refused: {status:?}"))?;
-        self.schedule.accepted(revision);
         self.revision.set(revision);
+        self.digest.set(self.tables.digest().value());
+        self.services.set(self.tables.services() as u64);
+        self.apply_us.set(now_us().saturating_sub(started));
         Ok(())
     }
 
@@ -318,6 +370,7 @@ struct Router {
     no_endpoint: Metric,
     ejections: Metric,
     refresh_us: Metric,
+    digest: Metric,
 }
 
 /// What the calls of one worker share.
@@ -332,6 +385,8 @@ struct WorkerState {
     no_endpoint: Cell<u64>,
     ejections: Cell<u64>,
     refresh_us: Cell<Option<u64>>,
+    /// The last refresh error logged, so a lasting one is logged once.
+    last_error: RefCell<Option<String>>,
 }
 
 impl Router {
@@ -346,11 +401,13 @@ impl Router {
                 no_endpoint: Cell::new(0),
                 ejections: Cell::new(0),
                 refresh_us: Cell::new(None),
+                last_error: RefCell::new(None),
             }),
             routed: Metric::define(MetricType::Counter, "etcd_mesh.calls_routed"),
             no_endpoint: Metric::define(MetricType::Counter, "etcd_mesh.calls_no_endpoint"),
             ejections: Metric::define(MetricType::Counter, "etcd_mesh.ejections"),
             refresh_us: Metric::define(MetricType::Gauge, "etcd_mesh.table_refresh_us"),
+            digest: Metric::define(MetricType::Gauge, "etcd_mesh.worker_table_digest"),
         }
     }
 
@@ -370,6 +427,7 @@ impl Router {
         self.ejections.add(shared.ejections.take());
         if let Some(us) = shared.refresh_us.take() {
             self.refresh_us.set(us);
+            self.digest.set(shared.tables.borrow().digest().value());
         }
         if shared.config.outlier_detection.is_some() {
             shared.tables.borrow_mut().expire_ejections(now_ms());
@@ -379,20 +437,24 @@ impl Router {
 
 impl WorkerState {
     /// Re-reads the tables or the ejections when, and only when, their
-    /// part of the version changed.
+    /// part of the version changed. A part that could not be read is not
+    /// marked seen, so the next call tries again.
     fn refresh(&self) {
         let Some(version) = read_version() else {
             return;
         };
-        let seen = self.seen.replace(version);
+        let mut seen = self.seen.get();
         if version.tables != seen.tables {
-            if let Ok((Some(body), _)) = hostcalls::get_shared_data(TABLES_KEY) {
-                let started = clock_seed();
-                match self.tables.borrow_mut().apply(&body) {
-                    Ok(_) => self
-                        .refresh_us
-                        .set(Some(clock_seed().saturating_sub(started) / 1000)),
-                    Err(e) => log(LogLevel::Error, &format!("etcd-mesh: shared tables: {e}")),
+            match self.refresh_tables() {
+                Ok(()) => {
+                    seen.tables = version.tables;
+                    self.last_error.replace(None);
+                }
+                Err(e) => {
+                    if self.last_error.borrow().as_deref() != Some(e.as_str()) {
+                        log(LogLevel::Error, &format!("etcd-mesh: shared tables: {e}"));
+                        self.last_error.replace(Some(e));
+                    }
                 }
             }
         }
@@ -404,7 +466,47 @@ impl WorkerState {
             let now = now_ms();
             let active = list.active(now).map(|e| (e.addr.clone(), e.until_ms));
             self.tables.borrow_mut().set_ejections(active);
+            seen.ejections = version.ejections;
         }
+        self.seen.set(seen);
+    }
+
+    /// Re-reads the services changed since the update this worker holds,
+    /// or all of them when it is too far behind.
+    fn refresh_tables(&self) -> Result<(), String> {
+        let started = now_us();
+        let changes = match shared(CHANGES_KEY)? {
+            Some(bytes) => ChangeLog::decode(&bytes)?,
+            None => return Err("no change log in shared data yet".into()),
+        };
+        let mut tables = self.tables.borrow_mut();
+        let mut bad = Vec::new();
+        match changes.since(tables.seq()) {
+            Some(names) => {
+                for name in names {
+                    let value = shared(&service_key(name))?.unwrap_or_default();
+                    if let Err(e) = tables.apply_service(name, &value) {
+                        bad.push(e);
+                    }
+                }
+            }
+            None => {
+                let index = shared(INDEX_KEY)?.unwrap_or_default();
+                let mut values = Vec::new();
+                for name in index_names(&index) {
+                    values.push((name, shared(&service_key(name))?.unwrap_or_default()));
+                }
+                bad = tables.reload(values);
+            }
+        }
+        tables.set_seq(changes.latest());
+        // A value that does not decode keeps its service as it was; it is
+        // not read again until it changes.
+        for e in bad {
+            log(LogLevel::Error, &format!("etcd-mesh: shared tables: {e}"));
+        }
+        self.refresh_us.set(Some(now_us().saturating_sub(started)));
+        Ok(())
     }
 
     /// The registry name of the call's service, if the request names one.

@@ -2,9 +2,10 @@
 //!
 //! One `.wasm` plays two roles, chosen by its plugin configuration:
 //! - `poller`: loaded once per Envoy as a singleton bootstrap service; it
-//!   long-polls sync-server and writes each newer snapshot to shared data;
+//!   long-polls sync-server's change feed and writes each changed service
+//!   to shared data ([`feed`]);
 //! - `router`: the HTTP filter on every worker; it keeps a decoded copy of
-//!   the tables, refreshed only when their revision changes, and picks the
+//!   the tables and re-reads only the services that changed, and picks the
 //!   upstream of each call by smooth weighted round-robin.
 //!
 //! Everything here but [`glue`] is pure logic, built and unit-tested natively.
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod feed;
 pub mod filter_state;
 pub mod naming;
 pub mod outlier;
@@ -23,8 +25,6 @@ pub mod wrr;
 #[cfg(target_arch = "wasm32")]
 mod glue;
 
-/// Shared-data key holding the newest snapshot body the poller accepted.
-pub const TABLES_KEY: &str = "etcd-mesh/tables";
 /// Shared-data key holding the ejection records ([`outlier::Ejections`]).
 pub const EJECTIONS_KEY: &str = "etcd-mesh/ejections";
 /// Shared-data key holding [`Version`]: workers read these 16 bytes per
@@ -34,7 +34,7 @@ pub const VERSION_KEY: &str = "etcd-mesh/version";
 /// What a worker checks on every call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Version {
-    /// The revision of the snapshot in [`TABLES_KEY`].
+    /// The poller's update sequence ([`feed::ChangeLog`]).
     pub tables: u64,
     /// Bumped on every change of [`EJECTIONS_KEY`].
     pub ejections: u64,

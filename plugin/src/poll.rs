@@ -1,4 +1,5 @@
-//! The poller's schedule: when to poll sync-server next and with what.
+//! The poller's schedule: when to poll sync-server's change feed next and
+//! with what.
 
 use crate::config::PollerConfig;
 use crate::rng::SplitMix64;
@@ -9,17 +10,21 @@ const FIRST_BACKOFF_MS: u64 = 100;
 #[derive(Debug)]
 pub struct PollSchedule {
     config: PollerConfig,
-    /// The newest revision written to shared data.
-    held: Option<u64>,
+    /// `&services=...` when the poller is scoped, encoded once.
+    scope: String,
     failures: u32,
     rng: SplitMix64,
 }
 
 impl PollSchedule {
     pub fn new(config: PollerConfig, seed: u64) -> Self {
+        let scope = match &config.services {
+            Some(names) => format!("services={}", percent_encode(&names.join(","))),
+            None => String::new(),
+        };
         PollSchedule {
             config,
-            held: None,
+            scope,
             failures: 0,
             rng: SplitMix64::new(seed),
         }
@@ -29,30 +34,33 @@ impl PollSchedule {
         &self.config
     }
 
-    /// The path of the next poll: a plain fetch until tables are held, then
-    /// a long-poll for anything newer.
-    pub fn path(&self) -> String {
-        match self.held {
-            None => "/v1/snapshot".to_owned(),
-            Some(revision) => format!(
-                "/v1/snapshot?since={revision}&wait={}",
+    /// The path of the next poll: everything until tables are held
+    /// (`held` is the revision and epoch held), then a long-poll for the
+    /// changes after them.
+    pub fn path(&self, held: Option<(u64, &str)>) -> String {
+        let mut path = String::from("/v1/changes");
+        let mut separator = '?';
+        let mut add = |part: &str| {
+            if !part.is_empty() {
+                path.push(separator);
+                path.push_str(part);
+                separator = '&';
+            }
+        };
+        if let Some((revision, epoch)) = held {
+            add(&format!(
+                "since={revision}&epoch={}&wait={}",
+                percent_encode(epoch),
                 self.config.wait_seconds
-            ),
+            ));
         }
+        add(&self.scope);
+        path
     }
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.config.wait_seconds))
             + Duration::from_millis(u64::from(self.config.timeout_margin_ms))
-    }
-
-    /// Whether a snapshot at `revision` should replace the held one.
-    pub fn is_newer(&self, revision: u64) -> bool {
-        self.held.is_none_or(|held| revision > held)
-    }
-
-    pub fn accepted(&mut self, revision: u64) {
-        self.held = Some(revision);
     }
 
     /// A poll answered (200 or 304): poll again at once.
@@ -73,6 +81,19 @@ impl PollSchedule {
     }
 }
 
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,22 +107,32 @@ mod tests {
                 timeout_margin_ms: 5000,
                 max_backoff_ms: 2000,
                 bearer_token: None,
+                services: None,
             },
             7,
         )
     }
 
     #[test]
-    fn long_polls_once_tables_are_held() {
-        let mut s = schedule();
-        assert_eq!(s.path(), "/v1/snapshot");
-        assert!(s.is_newer(1));
-        s.accepted(12);
-        assert_eq!(s.path(), "/v1/snapshot?since=12&wait=30");
-        assert!(!s.is_newer(12));
-        assert!(!s.is_newer(3));
-        assert!(s.is_newer(13));
+    fn long_polls_for_changes_once_tables_are_held() {
+        let s = schedule();
+        assert_eq!(s.path(None), "/v1/changes");
+        assert_eq!(
+            s.path(Some((12, "ab-1"))),
+            "/v1/changes?since=12&epoch=ab-1&wait=30"
+        );
         assert_eq!(s.timeout(), Duration::from_secs(35));
+        let mut config = s.config().clone();
+        config.services = Some(vec!["demo.Echo".into(), "a b&c".into()]);
+        let scoped = PollSchedule::new(config, 1);
+        assert_eq!(
+            scoped.path(None),
+            "/v1/changes?services=demo.Echo%2Ca%20b%26c"
+        );
+        assert_eq!(
+            scoped.path(Some((3, "e"))),
+            "/v1/changes?since=3&epoch=e&wait=30&services=demo.Echo%2Ca%20b%26c"
+        );
     }
 
     #[test]

@@ -1,17 +1,21 @@
 //! The decoded endpoint tables of one worker.
 //!
-//! A worker rebuilds them only when the revision in shared data changes;
-//! between changes a call costs one hash lookup and one pick.
+//! A worker re-reads only the services the poller changed since the update
+//! it holds (see [`crate::feed`]); applying one costs the size of that
+//! service, whatever the size of the tables. Between changes a call costs
+//! one hash lookup and one pick.
 
 use crate::rng::SplitMix64;
 use crate::wrr::SmoothPicker;
-use etcd_mesh_wire::{DecodeError, Snapshot};
+use etcd_mesh_wire::{Digest, Service};
 use std::collections::HashMap;
 
 #[derive(Debug)]
 pub struct WorkerTables {
-    revision: Option<u64>,
-    services: HashMap<String, SmoothPicker>,
+    /// The poller's update sequence these tables hold.
+    seq: Option<u64>,
+    services: HashMap<String, (SmoothPicker, u64)>,
+    digest: Digest,
     rng: SplitMix64,
     /// Ejected endpoints and when (host clock, ms) each comes back.
     ejected: HashMap<String, u64>,
@@ -28,44 +32,89 @@ pub enum Pick<'a> {
 impl WorkerTables {
     pub fn new(seed: u64) -> Self {
         WorkerTables {
-            revision: None,
+            seq: None,
             services: HashMap::new(),
+            digest: Digest::default(),
             rng: SplitMix64::new(seed),
             ejected: HashMap::new(),
         }
     }
 
-    /// The revision of the tables in use, if any.
-    pub fn revision(&self) -> Option<u64> {
-        self.revision
+    /// The update sequence held, if any.
+    pub fn seq(&self) -> Option<u64> {
+        self.seq
     }
 
-    /// Applies a snapshot body. An older revision, or a body that does not
-    /// decode, leaves the tables as they were.
-    pub fn apply(&mut self, body: &[u8]) -> Result<bool, DecodeError> {
-        let snapshot = Snapshot::decode(body)?;
-        if self.revision.is_some_and(|held| snapshot.revision <= held) {
-            return Ok(false);
+    pub fn set_seq(&mut self, seq: u64) {
+        self.seq = Some(seq);
+    }
+
+    /// The digest of the services held, comparable with the poller's and
+    /// sync-server's.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Applies one service's shared-data value: its canonical JSON, or
+    /// empty when it is gone. A value that does not decode or validate
+    /// leaves the service as it was.
+    pub fn apply_service(&mut self, name: &str, value: &[u8]) -> Result<(), String> {
+        if value.is_empty() {
+            if let Some((_, hash)) = self.services.remove(name) {
+                self.digest.remove(hash);
+            }
+            return Ok(());
         }
-        let mut services = HashMap::with_capacity(snapshot.services.len());
-        for (name, service) in &snapshot.services {
-            let endpoints = service
-                .endpoints
-                .iter()
-                .map(|e| (e.addr.as_str(), e.weight));
-            let picker = match self.services.remove(name) {
-                Some(mut picker) => {
-                    picker.update(endpoints);
-                    picker
-                }
-                None => SmoothPicker::randomised(endpoints, &mut self.rng),
-            };
-            services.insert(name.clone(), picker);
+        let service: Service = serde_json::from_slice(value)
+            .map_err(|e| format!("service {name:?} does not decode: {e}"))?;
+        service.validate(name)?;
+        let hash = Digest::of_encoded(name, value);
+        let endpoints = service
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.as_str(), e.weight));
+        let mut picker = match self.services.remove(name) {
+            Some((mut picker, old)) => {
+                self.digest.remove(old);
+                picker.update(endpoints);
+                picker
+            }
+            None => SmoothPicker::randomised(endpoints, &mut self.rng),
+        };
+        picker.set_ejected(|addr| self.ejected.contains_key(addr));
+        self.digest.add(hash);
+        self.services.insert(name.to_owned(), (picker, hash));
+        Ok(())
+    }
+
+    /// Replaces every service with `values` (name, value); pickers of the
+    /// services that stay keep their place in the sequence. Values that do
+    /// not decode are skipped and reported.
+    pub fn reload<'a>(
+        &mut self,
+        values: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+    ) -> Vec<String> {
+        let mut old = std::mem::take(&mut self.services);
+        self.digest = Digest::default();
+        let mut errors = Vec::new();
+        for (name, value) in values {
+            if let Some(kept) = old.remove(name) {
+                self.digest.add(kept.1);
+                self.services.insert(name.to_owned(), kept);
+            }
+            if let Err(e) = self.apply_service(name, &value) {
+                errors.push(e);
+            }
         }
-        self.services = services;
-        self.revision = Some(snapshot.revision);
-        self.mark_ejected();
-        Ok(true)
+        errors
     }
 
     /// Replaces the set of ejected endpoints (addr, until).
@@ -87,7 +136,7 @@ impl WorkerTables {
     }
 
     fn mark_ejected(&mut self) {
-        for picker in self.services.values_mut() {
+        for (picker, _) in self.services.values_mut() {
             picker.set_ejected(|addr| self.ejected.contains_key(addr));
         }
     }
@@ -96,11 +145,11 @@ impl WorkerTables {
     pub fn ejection_room(&self, service: &str) -> (usize, usize) {
         self.services
             .get(service)
-            .map_or((0, 0), |p| (p.len(), p.ejected()))
+            .map_or((0, 0), |(p, _)| (p.len(), p.ejected()))
     }
 
     pub fn pick(&mut self, service: &str) -> Pick<'_> {
-        match self.services.get_mut(service).and_then(SmoothPicker::pick) {
+        match self.services.get_mut(service).and_then(|(p, _)| p.pick()) {
             Some(addr) => Pick::Endpoint(addr),
             None => Pick::NoEndpoint,
         }
@@ -111,42 +160,75 @@ impl WorkerTables {
 mod tests {
     use super::*;
 
-    fn body(revision: u64, endpoints: &[(&str, u32)]) -> Vec<u8> {
+    fn value(endpoints: &[(&str, u32)]) -> Vec<u8> {
         let endpoints: Vec<String> = endpoints
             .iter()
             .map(|(a, w)| format!(r#"{{"addr":"{a}","weight":{w}}}"#))
             .collect();
-        format!(
-            r#"{{"revision":{revision},"services":{{"demo.Echo":{{"endpoints":[{}]}}}}}}"#,
-            endpoints.join(",")
-        )
-        .into_bytes()
+        format!(r#"{{"endpoints":[{}]}}"#, endpoints.join(",")).into_bytes()
     }
 
     #[test]
-    fn never_goes_back_and_keeps_tables_on_garbage() {
+    fn applies_services_one_by_one_and_keeps_them_on_garbage() {
         let mut tables = WorkerTables::new(1);
         assert_eq!(tables.pick("demo.Echo"), Pick::NoEndpoint);
-        assert_eq!(tables.apply(&body(5, &[("127.0.0.1:1", 1)])), Ok(true));
-        assert_eq!(tables.apply(&body(4, &[("127.0.0.1:2", 1)])), Ok(false));
-        assert!(tables.apply(b"{garbage").is_err());
-        assert_eq!(tables.revision(), Some(5));
+        tables
+            .apply_service("demo.Echo", &value(&[("127.0.0.1:1", 1)]))
+            .expect("valid");
+        assert!(tables.apply_service("demo.Echo", b"{garbage").is_err());
+        assert!(tables
+            .apply_service("demo.Echo", &value(&[("nohost", 1)]))
+            .is_err());
         assert_eq!(tables.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:1"));
         assert_eq!(tables.pick("other"), Pick::NoEndpoint);
-        assert_eq!(tables.apply(&body(6, &[("127.0.0.1:1", 0)])), Ok(true));
+        tables
+            .apply_service("demo.Echo", &value(&[("127.0.0.1:1", 0)]))
+            .expect("valid");
         assert_eq!(tables.pick("demo.Echo"), Pick::NoEndpoint);
+        tables.apply_service("demo.Echo", b"").expect("removal");
+        assert!(tables.is_empty());
+        assert_eq!(tables.digest(), Digest::default());
+    }
+
+    #[test]
+    fn digests_match_however_the_tables_were_reached() {
+        let a = value(&[("127.0.0.1:1", 1)]);
+        let b = value(&[("127.0.0.1:2", 3)]);
+        let mut stepwise = WorkerTables::new(1);
+        stepwise.apply_service("a", &b).expect("valid");
+        stepwise.apply_service("b", &b).expect("valid");
+        stepwise.apply_service("a", &a).expect("valid");
+        stepwise.apply_service("c", &a).expect("valid");
+        stepwise.apply_service("c", b"").expect("removal");
+        let mut reloaded = WorkerTables::new(2);
+        reloaded.apply_service("z", &a).expect("valid");
+        assert!(reloaded
+            .reload([("a", a.clone()), ("b", b.clone())])
+            .is_empty());
+        assert_eq!(stepwise.digest(), reloaded.digest());
+        assert_eq!(reloaded.pick("z"), Pick::NoEndpoint);
+        let mut direct = Digest::default();
+        direct.add(Digest::of_encoded("a", &a));
+        direct.add(Digest::of_encoded("b", &b));
+        assert_eq!(stepwise.digest(), direct);
     }
 
     #[test]
     fn ejections_apply_across_updates_and_expire() {
         let mut tables = WorkerTables::new(3);
         tables
-            .apply(&body(1, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)]))
+            .apply_service(
+                "demo.Echo",
+                &value(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)]),
+            )
             .expect("valid");
         tables.set_ejections([("127.0.0.1:1".to_owned(), 1000)]);
         assert_eq!(tables.ejection_room("demo.Echo"), (2, 1));
         tables
-            .apply(&body(2, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 3)]))
+            .apply_service(
+                "demo.Echo",
+                &value(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 3)]),
+            )
             .expect("valid");
         for _ in 0..8 {
             assert_eq!(tables.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:2"));
@@ -160,15 +242,12 @@ mod tests {
     }
 
     #[test]
-    fn hostile_bodies_never_panic_and_change_nothing() {
-        // A fuzz-style property: random mutations of a valid body either
-        // decode to a valid snapshot or leave the tables untouched.
-        let valid = body(10, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 2)]);
+    fn hostile_values_never_panic_and_change_nothing() {
+        // A fuzz-style property: random mutations of a valid value either
+        // decode to a valid service or leave the tables untouched.
+        let valid = value(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 2)]);
         let mut rng = SplitMix64::new(9);
-        let mut tables = WorkerTables::new(1);
-        tables
-            .apply(&body(5, &[("127.0.0.1:9", 1)]))
-            .expect("valid");
+        let mut refused = 0;
         for _ in 0..5_000 {
             let mut mutated = valid.clone();
             for _ in 0..1 + rng.next_u64() % 4 {
@@ -184,13 +263,23 @@ mod tests {
                     break;
                 }
             }
-            let mut copy = WorkerTables::new(1);
-            copy.apply(&body(5, &[("127.0.0.1:9", 1)])).expect("valid");
-            match copy.apply(&mutated) {
-                Ok(_) => assert!(copy.revision().is_some()),
-                Err(_) => assert_eq!(copy.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:9")),
+            if mutated.is_empty() {
+                continue;
+            }
+            let mut tables = WorkerTables::new(1);
+            tables
+                .apply_service("demo.Echo", &value(&[("127.0.0.1:9", 1)]))
+                .expect("valid");
+            let before = tables.digest();
+            match tables.apply_service("demo.Echo", &mutated) {
+                Ok(()) => assert_ne!(tables.digest(), before),
+                Err(_) => {
+                    refused += 1;
+                    assert_eq!(tables.digest(), before);
+                    assert_eq!(tables.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:9"));
+                }
             }
         }
-        assert_eq!(tables.revision(), Some(5));
+        assert!(refused > 1_000, "the mutations were too mild: {refused}");
     }
 }

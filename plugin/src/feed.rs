@@ -1,0 +1,381 @@
+//! The poller's side of the change feed, as pure logic: applying each
+//! answer of `GET /v1/changes` to what the poller holds, and deciding what
+//! to write to shared data so that workers re-read only what changed.
+//!
+//! Shared data layout (written by the poller only):
+//! - [`service_key`]`(name)`: one service's canonical JSON, empty when
+//!   removed;
+//! - [`INDEX_KEY`]: every service name held, one per line, rewritten only
+//!   when the set of names changes;
+//! - [`CHANGES_KEY`]: the [`ChangeLog`], which names the services changed
+//!   at each update sequence number, so a worker holding sequence `n`
+//!   re-reads just those; a worker too far behind reloads everything;
+//! - the `tables` half of [`crate::VERSION_KEY`]: the newest sequence.
+
+use etcd_mesh_wire::{Changes, Digest};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+/// Shared-data key prefix of the per-service values.
+pub const SERVICE_KEY_PREFIX: &str = "etcd-mesh/svc/";
+/// Shared-data key of the names of every service held.
+pub const INDEX_KEY: &str = "etcd-mesh/services";
+/// Shared-data key of the [`ChangeLog`].
+pub const CHANGES_KEY: &str = "etcd-mesh/changes";
+
+/// Updates the log remembers; a worker further behind reloads everything.
+const LOG_UPDATES: usize = 64;
+/// Names the log holds at most; an update naming more makes workers reload.
+const LOG_NAMES: usize = 4_096;
+
+pub fn service_key(name: &str) -> String {
+    format!("{SERVICE_KEY_PREFIX}{name}")
+}
+
+/// Which services changed at each recent update.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeLog {
+    /// The sequence of the last update that replaced everything: a worker
+    /// holding less reloads.
+    reload_at: u64,
+    /// (sequence, names changed), oldest first, consecutive sequences.
+    updates: VecDeque<(u64, Vec<String>)>,
+}
+
+impl ChangeLog {
+    /// The newest sequence the log knows.
+    pub fn latest(&self) -> u64 {
+        self.updates.back().map_or(self.reload_at, |(seq, _)| *seq)
+    }
+
+    fn names(&self) -> usize {
+        self.updates.iter().map(|(_, n)| n.len()).sum()
+    }
+
+    /// Records an update that changed `names`.
+    pub fn record(&mut self, seq: u64, names: Vec<String>) {
+        if names.len() > LOG_NAMES {
+            return self.record_reload(seq);
+        }
+        self.updates.push_back((seq, names));
+        while self.updates.len() > LOG_UPDATES || self.names() > LOG_NAMES {
+            self.updates.pop_front();
+        }
+    }
+
+    /// Records an update after which every worker reloads everything.
+    pub fn record_reload(&mut self, seq: u64) {
+        self.reload_at = seq;
+        self.updates.clear();
+    }
+
+    /// The services to re-read for a worker holding `held` (`None`:
+    /// nothing yet); `None` when it must reload everything.
+    pub fn since(&self, held: Option<u64>) -> Option<BTreeSet<&str>> {
+        let held = held?;
+        if held < self.reload_at {
+            return None;
+        }
+        let oldest = self.updates.front().map_or(self.reload_at + 1, |(s, _)| *s);
+        if held.saturating_add(1) < oldest {
+            return None;
+        }
+        Some(
+            self.updates
+                .iter()
+                .filter(|(seq, _)| *seq > held)
+                .flat_map(|(_, names)| names.iter().map(String::as_str))
+                .collect(),
+        )
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ChangeLog, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("the change log does not decode: {e}"))
+    }
+}
+
+/// What the poller holds: the revision and epoch it is at, and one digest
+/// per service, so that each answer is checked before anything is written.
+#[derive(Debug, Default)]
+pub struct PollerTables {
+    cursor: Option<(u64, String)>,
+    digests: HashMap<String, u64>,
+    digest: Digest,
+    seq: u64,
+    log: ChangeLog,
+}
+
+/// What one accepted answer asks of shared data, in this order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    /// Per-service values to write (empty: removed).
+    pub services: Vec<(String, Vec<u8>)>,
+    /// The new index, when the set of names changed.
+    pub index: Option<Vec<u8>>,
+    /// The new change log.
+    pub log: Vec<u8>,
+    /// The new sequence, for the version.
+    pub seq: u64,
+}
+
+impl PollerTables {
+    /// (revision, epoch) held, for the next request.
+    pub fn cursor(&self) -> Option<(u64, &str)> {
+        self.cursor.as_ref().map(|(r, e)| (*r, e.as_str()))
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    pub fn services(&self) -> usize {
+        self.digests.len()
+    }
+
+    /// Forgets the revision held, so that the next answer is a full one.
+    pub fn forget_cursor(&mut self) {
+        self.cursor = None;
+    }
+
+    /// Applies one answer; `Ok(None)` when it holds nothing newer. An answer
+    /// that does not fit what is held (a delta from another revision, a
+    /// digest that does not match the result) is refused whole: nothing
+    /// is written and the next request asks for everything.
+    pub fn apply(&mut self, changes: Changes) -> Result<Option<Update>, String> {
+        let same_epoch = self
+            .cursor
+            .as_ref()
+            .is_some_and(|(_, e)| *e == changes.epoch);
+        if same_epoch
+            && self
+                .cursor
+                .as_ref()
+                .is_some_and(|(r, _)| changes.revision <= *r)
+        {
+            return Ok(None);
+        }
+        let mut digests: HashMap<String, Option<u64>> = HashMap::new();
+        let mut encoded = Vec::with_capacity(changes.services.len());
+        for (name, service) in &changes.services {
+            let bytes = service.encode();
+            digests.insert(name.clone(), Some(Digest::of_encoded(name, &bytes)));
+            encoded.push((name.clone(), bytes));
+        }
+        if changes.full {
+            for held in self.digests.keys() {
+                digests.entry(held.clone()).or_insert(None);
+            }
+        } else {
+            match &self.cursor {
+                Some((revision, epoch))
+                    if *revision == changes.since && *epoch == changes.epoch => {}
+                held => {
+                    let message = format!(
+                        "a delta since revision {} of epoch {:?} does not fit the tables held ({held:?})",
+                        changes.since, changes.epoch
+                    );
+                    self.cursor = None;
+                    return Err(message);
+                }
+            }
+            for name in &changes.removed {
+                digests.insert(name.clone(), None);
+            }
+        }
+        let mut digest = self.digest;
+        let mut names_changed = false;
+        for (name, new) in &digests {
+            let old = self.digests.get(name);
+            names_changed |= old.is_some() != new.is_some();
+            if let Some(old) = old {
+                digest.remove(*old);
+            }
+            if let Some(new) = new {
+                digest.add(*new);
+            }
+        }
+        if digest.value() != changes.digest {
+            self.cursor = None;
+            return Err(format!(
+                "tables at revision {} would have digest {}, sync-server says {}",
+                changes.revision,
+                digest.value(),
+                changes.digest
+            ));
+        }
+        let mut update = Update::default();
+        let mut changed: Vec<String> = Vec::with_capacity(digests.len());
+        for (name, new) in digests {
+            match new {
+                Some(hash) => {
+                    self.digests.insert(name.clone(), hash);
+                }
+                None => {
+                    self.digests.remove(&name);
+                    update.services.push((name.clone(), Vec::new()));
+                }
+            }
+            changed.push(name);
+        }
+        update.services.extend(encoded);
+        self.digest = digest;
+        self.seq += 1;
+        update.seq = self.seq;
+        if changes.full {
+            self.log.record_reload(self.seq);
+        } else {
+            changed.sort();
+            self.log.record(self.seq, changed);
+        }
+        if names_changed {
+            let mut names: Vec<&str> = self.digests.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            update.index = Some(names.join("\n").into_bytes());
+        }
+        update.log = self.log.encode();
+        self.cursor = Some((changes.revision, changes.epoch));
+        Ok(Some(update))
+    }
+}
+
+/// The names in an index value.
+pub fn index_names(bytes: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(bytes)
+        .unwrap_or("")
+        .split('\n')
+        .filter(|n| !n.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_mesh_wire::{Endpoint, Service};
+    use std::collections::BTreeMap;
+
+    fn service(port: u16) -> Service {
+        Service {
+            endpoints: vec![Endpoint {
+                addr: format!("127.0.0.1:{port}"),
+                weight: 1,
+                metadata: BTreeMap::new(),
+            }],
+        }
+    }
+
+    fn digest_of(services: &[(&str, u16)]) -> u64 {
+        let mut d = Digest::default();
+        for (n, p) in services {
+            d.add(Digest::of(n, &service(*p)));
+        }
+        d.value()
+    }
+
+    fn changes(
+        revision: u64,
+        since: u64,
+        set: &[(&str, u16)],
+        removed: &[&str],
+        end: &[(&str, u16)],
+    ) -> Changes {
+        Changes {
+            revision,
+            since,
+            epoch: "e".into(),
+            full: since == 0,
+            services: set
+                .iter()
+                .map(|(n, p)| (n.to_string(), service(*p)))
+                .collect(),
+            removed: removed.iter().map(|n| n.to_string()).collect(),
+            digest: digest_of(end),
+            ..Changes::default()
+        }
+    }
+
+    #[test]
+    fn deltas_write_only_what_changed() {
+        let mut held = PollerTables::default();
+        let full = held
+            .apply(changes(
+                10,
+                0,
+                &[("a", 1), ("b", 2)],
+                &[],
+                &[("a", 1), ("b", 2)],
+            ))
+            .expect("fits")
+            .expect("newer");
+        assert_eq!(full.services.len(), 2);
+        assert!(full.index.is_some());
+        let delta = held
+            .apply(changes(12, 10, &[("a", 3)], &["b"], &[("a", 3)]))
+            .expect("fits")
+            .expect("newer");
+        let written: Vec<(&str, bool)> = delta
+            .services
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.is_empty()))
+            .collect();
+        assert_eq!(written.len(), 2);
+        assert!(written.contains(&("b", true)) && written.contains(&("a", false)));
+        assert_eq!(delta.index, Some(b"a".to_vec()));
+        assert_eq!(held.cursor(), Some((12, "e")));
+        let log = ChangeLog::decode(&delta.log).expect("decodes");
+        assert_eq!(log.since(Some(1)), Some(BTreeSet::from(["a", "b"])));
+        assert_eq!(log.since(Some(0)), None, "before the full load");
+        // Nothing newer, then a weight change that keeps the names.
+        assert_eq!(held.apply(changes(12, 10, &[], &[], &[("a", 3)])), Ok(None));
+        let same_names = held
+            .apply(changes(13, 12, &[("a", 4)], &[], &[("a", 4)]))
+            .expect("fits")
+            .expect("newer");
+        assert_eq!(same_names.index, None);
+    }
+
+    #[test]
+    fn answers_that_do_not_fit_are_refused_and_force_a_full_one() {
+        let mut held = PollerTables::default();
+        held.apply(changes(10, 0, &[("a", 1)], &[], &[("a", 1)]))
+            .expect("fits");
+        // From another revision than the one held.
+        assert!(held
+            .apply(changes(12, 11, &[("a", 2)], &[], &[("a", 2)]))
+            .is_err());
+        assert_eq!(held.cursor(), None);
+        held.apply(changes(10, 0, &[("a", 1)], &[], &[("a", 1)]))
+            .expect("fits");
+        // A digest that does not match what applying it gives.
+        assert!(held
+            .apply(changes(11, 10, &[("a", 2)], &[], &[("a", 9)]))
+            .is_err());
+        assert_eq!(held.cursor(), None);
+        assert_eq!(
+            held.digest().value(),
+            digest_of(&[("a", 1)]),
+            "nothing applied"
+        );
+    }
+
+    #[test]
+    fn workers_far_behind_reload() {
+        let mut log = ChangeLog::default();
+        log.record_reload(1);
+        for seq in 2..=(LOG_UPDATES as u64 + 10) {
+            log.record(seq, vec![format!("s{seq}")]);
+        }
+        let latest = log.latest();
+        assert_eq!(log.since(Some(latest)), Some(BTreeSet::new()));
+        assert_eq!(log.since(Some(latest - 1)).map(|s| s.len()), Some(1));
+        assert_eq!(log.since(Some(2)), None);
+        assert_eq!(log.since(None), None);
+        log.record(
+            latest + 1,
+            (0..LOG_NAMES + 1).map(|i| i.to_string()).collect(),
+        );
+        assert_eq!(log.since(Some(latest)), None, "too many names: reload");
+    }
+}
