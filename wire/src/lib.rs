@@ -343,15 +343,23 @@ mod tests {
         backwards.since = 10;
         assert!(Changes::decode(&backwards.encode()).is_err());
         let mut bad = changes;
-        bad.services
-            .insert("s".into(), Service { endpoints: vec![endpoint("nohost", 1)] });
+        bad.services.insert(
+            "s".into(),
+            Service {
+                endpoints: vec![endpoint("nohost", 1)],
+            },
+        );
         assert!(Changes::decode(&bad.encode()).is_err());
     }
 
     #[test]
     fn digests_follow_content_not_history() {
-        let a = Service { endpoints: vec![endpoint("127.0.0.1:1", 1)] };
-        let b = Service { endpoints: vec![endpoint("127.0.0.1:2", 1)] };
+        let a = Service {
+            endpoints: vec![endpoint("127.0.0.1:1", 1)],
+        };
+        let b = Service {
+            endpoints: vec![endpoint("127.0.0.1:2", 1)],
+        };
         let mut built = Digest::default();
         built.add(Digest::of("a", &a));
         built.add(Digest::of("b", &a));
