@@ -439,6 +439,8 @@ pub struct EnvoyOptions {
     /// Let the ORIGINAL_DST cluster obey `x-envoy-original-dst-host` (for a
     /// router configured with `"host_override": "header"`).
     pub header_override: bool,
+    /// The poller's configuration JSON, if not the template's.
+    pub poller_config: Option<String>,
 }
 
 impl Default for EnvoyOptions {
@@ -450,12 +452,15 @@ impl Default for EnvoyOptions {
             concurrency: 2,
             router_config: None,
             header_override: false,
+            poller_config: None,
         }
     }
 }
 
 /// The router configuration as the template writes it.
 const TEMPLATE_ROUTER_CONFIG: &str = r#"'{"role": "router"}'"#;
+/// The poller configuration as the template writes it.
+const TEMPLATE_POLLER_CONFIG: &str = r#"'{"role": "poller", "cluster": "etcd_mesh_sync", "authority": "sync-server", "wait_seconds": 30}'"#;
 
 /// Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`.
 #[derive(Debug)]
@@ -524,6 +529,9 @@ impl Envoy {
             render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
         if let Some(router) = &options.router_config {
             rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
+        }
+        if let Some(poller) = &options.poller_config {
+            rendered = rendered.replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
         }
         if options.header_override {
             rendered = rendered.replace("use_http_header: false", "use_http_header: true");

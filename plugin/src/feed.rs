@@ -120,6 +120,8 @@ pub struct Update {
     pub log: Vec<u8>,
     /// The new sequence, for the version.
     pub seq: u64,
+    /// Whether the answer replaced everything.
+    pub full: bool,
 }
 
 impl PollerTables {
@@ -225,6 +227,7 @@ impl PollerTables {
         self.digest = digest;
         self.seq += 1;
         update.seq = self.seq;
+        update.full = changes.full;
         if changes.full {
             self.log.record_reload(self.seq);
         } else {

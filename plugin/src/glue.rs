@@ -225,6 +225,8 @@ struct Poller {
     digest: Metric,
     services: Metric,
     apply_us: Metric,
+    updates_full: Metric,
+    updates_delta: Metric,
 }
 
 impl Poller {
@@ -242,6 +244,8 @@ impl Poller {
             digest: Metric::define(MetricType::Gauge, "etcd_mesh.table_digest"),
             services: Metric::define(MetricType::Gauge, "etcd_mesh.table_services"),
             apply_us: Metric::define(MetricType::Gauge, "etcd_mesh.poll_apply_us"),
+            updates_full: Metric::define(MetricType::Counter, "etcd_mesh.updates_full"),
+            updates_delta: Metric::define(MetricType::Counter, "etcd_mesh.updates_delta"),
         }
     }
 
@@ -342,6 +346,11 @@ impl Poller {
         self.digest.set(self.tables.digest().value());
         self.services.set(self.tables.services() as u64);
         self.apply_us.set(now_us().saturating_sub(started));
+        if update.full {
+            self.updates_full.add(1);
+        } else {
+            self.updates_delta.add(1);
+        }
         Ok(())
     }
 

@@ -1,0 +1,211 @@
+//! Delta sync end to end (real etcd, sync-server, Envoy with two workers):
+//! an Envoy that applied a thousand changes through compaction, etcd and
+//! sync-server restarts holds exactly what a fresh full snapshot says, and
+//! a scoped Envoy receives only its own services.
+
+use etcd_client::{Client, CompactionOptions};
+use etcd_mesh_demo::client::split;
+use etcd_mesh_demo::stack::{http_get, wait_for, EnvoyOptions};
+use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
+use etcd_mesh_e2e::{assert_split, Mesh, DEADLINE};
+use etcd_mesh_registration::Instance;
+use etcd_mesh_wire::{Digest, Snapshot};
+
+/// The digest of a full snapshot's services, as any client computes it.
+fn digest_of(snapshot: &Snapshot) -> u64 {
+    let mut digest = Digest::default();
+    for (name, service) in &snapshot.services {
+        digest.add(Digest::of(name, service));
+    }
+    digest.value()
+}
+
+/// A put or delete that retries while etcd is coming back.
+async fn write(etcd: &[String], key: &str, value: Option<&str>) -> i64 {
+    wait_for(
+        &format!("etcd to take a write of {key}"),
+        DEADLINE,
+        || async {
+            let mut client = Client::connect(etcd, None).await.ok()?;
+            let header = match value {
+                Some(value) => client.put(key, value, None).await.ok()?.header().cloned(),
+                None => client.delete(key, None).await.ok()?.header().cloned(),
+            };
+            header.map(|h| h.revision())
+        },
+    )
+    .await
+    .expect("etcd takes the write")
+}
+
+/// Waits until the plugin holds what sync-server serves now, and returns
+/// the digest they agree on.
+async fn converged(mesh: &Mesh) -> u64 {
+    let snapshot = wait_for("a fresh snapshot", DEADLINE, || mesh.snapshot())
+        .await
+        .expect("snapshot");
+    mesh.envoy
+        .wait_for_revision(snapshot.revision, DEADLINE)
+        .await
+        .expect("the plugin reaches sync-server's revision");
+    digest_of(&snapshot)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_changes_through_restarts_end_with_the_tables_of_a_full_snapshot() {
+    let mut mesh = Mesh::start(2).await;
+    let backends = mesh.weighted_backends(&[1, 2, 3]).await;
+    let etcd = mesh.etcd_endpoints();
+    let mut rng = 0x5eed_u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for op in 0..1_000 {
+        // Endpoints nothing calls: services scale-0..19, 12 slots each.
+        let (service, slot) = (next(20), next(12));
+        let key = format!("{DEMO_PREFIX}scale-{service}/{slot}");
+        let instance = Instance::new(
+            DEMO_PREFIX,
+            &format!("scale-{service}"),
+            &format!("127.0.{service}.{}:9000", slot + 1),
+        );
+        match next(10) {
+            0..=2 => {
+                write(&etcd, &key, None).await;
+            }
+            _ => {
+                let value = instance.with_weight(next(5) as u32).value();
+                write(&etcd, &key, Some(&value)).await;
+            }
+        }
+        match op {
+            250 => {
+                let revision = write(&etcd, &format!("{DEMO_PREFIX}scale-0/0"), None).await;
+                let mut client = Client::connect(&etcd, None).await.expect("etcd client");
+                client
+                    .compact(revision, Some(CompactionOptions::new().with_physical()))
+                    .await
+                    .expect("compact");
+            }
+            500 => {
+                mesh.etcd.kill();
+                mesh.etcd.restart().await.expect("etcd restarts");
+            }
+            750 => mesh.restart_sync_server().await,
+            _ => {}
+        }
+    }
+    let expected = converged(&mesh).await;
+    assert_eq!(
+        mesh.sync_metric("sync_server_tables_digest").await,
+        Some(expected),
+        "sync-server's digest is that of its snapshot"
+    );
+    assert_eq!(
+        mesh.envoy.stat("wasmcustom.etcd_mesh.table_digest").await,
+        Some(expected),
+        "the poller holds exactly the snapshot's tables"
+    );
+    let deltas = mesh
+        .envoy
+        .stat("wasmcustom.etcd_mesh.updates_delta")
+        .await
+        .unwrap_or(0);
+    let fulls = mesh
+        .envoy
+        .stat("wasmcustom.etcd_mesh.updates_full")
+        .await
+        .unwrap_or(0);
+    assert!(deltas >= 100, "{deltas} deltas applied");
+    assert!(
+        (2..=4).contains(&fulls),
+        "the first load and the sync-server restart reload, nothing else: {fulls}"
+    );
+
+    // Both workers: calls on many connections make each refresh; the
+    // workers' gauge then shows the same digest.
+    let clients = mesh.clients(8).await;
+    let counts = split(&clients, 1_200).await.expect("every call succeeds");
+    assert_split(&counts, &backends, &[1, 2, 3], 2.0);
+    wait_for("the workers' digest", DEADLINE, || async {
+        let held = mesh
+            .envoy
+            .stat("wasmcustom.etcd_mesh.worker_table_digest")
+            .await?;
+        (held == expected).then_some(())
+    })
+    .await
+    .expect("the workers hold the snapshot's tables");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_envoy_receives_only_its_services() {
+    let poller = format!(
+        r#"{{"role": "poller", "cluster": "etcd_mesh_sync", "authority": "sync-server", "wait_seconds": 30, "services": ["{DEMO_SERVICE}"]}}"#
+    );
+    let mesh = Mesh::start_with(EnvoyOptions {
+        poller_config: Some(poller),
+        ..EnvoyOptions::default()
+    })
+    .await;
+    let etcd = mesh.etcd_endpoints();
+    for i in 0..5 {
+        let other = Instance::new(DEMO_PREFIX, "other.Service", &format!("127.0.9.{i}:9000"));
+        write(&etcd, &other.key(), Some(&other.value())).await;
+    }
+    let backends = mesh.weighted_backends(&[1, 3]).await;
+    let snapshot = wait_for("sync-server to list both services", DEADLINE, || async {
+        mesh.snapshot()
+            .await
+            .filter(|s| s.services.len() == 2 && s.services[DEMO_SERVICE].endpoints.len() == 2)
+    })
+    .await
+    .expect("listed");
+    // The poller holds only the demo service, and its digest is that
+    // service's alone.
+    let mut scoped = snapshot.clone();
+    scoped.services.retain(|name, _| name == DEMO_SERVICE);
+    let expected = digest_of(&scoped);
+    wait_for("the scoped tables", DEADLINE, || async {
+        let held = mesh.envoy.stat("wasmcustom.etcd_mesh.table_digest").await?;
+        (held == expected).then_some(())
+    })
+    .await
+    .expect("the poller holds the demo service only");
+    assert_eq!(
+        mesh.envoy.stat("wasmcustom.etcd_mesh.table_services").await,
+        Some(1)
+    );
+    let counts = split(&mesh.clients(2).await, 400)
+        .await
+        .expect("calls succeed");
+    assert_split(&counts, &backends, &[1, 3], 2.0);
+
+    // A change outside the scope does not travel: the poller's revision
+    // stays while sync-server's moves on.
+    let held = mesh
+        .envoy
+        .stat("wasmcustom.etcd_mesh.table_revision")
+        .await
+        .expect("revision");
+    let other = Instance::new(DEMO_PREFIX, "other.Service", "127.0.9.9:9000");
+    let revision = write(&etcd, &other.key(), Some(&other.value())).await as u64;
+    wait_for("sync-server to take it", DEADLINE, || async {
+        (mesh.sync_metric("sync_server_revision").await? >= revision).then_some(())
+    })
+    .await
+    .expect("sync-server moves on");
+    // The poller's long-poll is still held (the change was not in scope).
+    let (_, metrics) = http_get(mesh.sync_addr, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("\nsync_server_long_poll_waiters 1\n"),
+        "{metrics}"
+    );
+    assert_eq!(
+        mesh.envoy.stat("wasmcustom.etcd_mesh.table_revision").await,
+        Some(held)
+    );
+}
