@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # make bench: builds, runs every benchmark (loopback only, bounded), writes
-# bench/results.json, bench/RESULTS.md and bench/results.png.
+# bench/results.json, bench/RESULTS.md and bench/results.png. Extra
+# arguments go to the driver (`--help`; `--scale-only` reruns the Scale
+# section and keeps the other figures of bench/results.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 65536 2>/dev/null || true  # 1,000 long-polls need the descriptors
 cargo build --release -p etcd-mesh-bench
+# The last committed results are "before" in the new RESULTS.md.
+git show HEAD:bench/results.json > bench/before.json 2>/dev/null || rm -f bench/before.json
 target/release/etcd-mesh-bench --out bench "$@"
 .venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check matplotlib
 .venv/bin/python bench/plot.py bench

@@ -47,9 +47,24 @@ struct Cli {
     endpoints: usize,
     #[arg(long, default_value_t = 1_000)]
     long_polls: usize,
-    /// Endpoints in the plugin's tables for the refresh measurement.
+    /// The larger count of held change-feed long-polls.
     #[arg(long, default_value_t = 10_000)]
+    many_long_polls: usize,
+    /// Rolling restart: instances and how long it takes.
+    #[arg(long, default_value_t = 1_000)]
+    rolling_instances: usize,
+    #[arg(long, default_value_t = 10)]
+    rolling_seconds: u64,
+    /// Endpoints in the plugin's tables for the apply and propagation runs.
+    #[arg(long, default_value_t = 100_000)]
     plugin_endpoints: usize,
+    /// Propagation cycles with the plugin at scale (four changes each).
+    #[arg(long, default_value_t = 25)]
+    plugin_cycles: usize,
+    /// Run only the scale section (and keep the other figures of the last
+    /// results.json).
+    #[arg(long)]
+    scale_only: bool,
     /// Where the results go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
@@ -58,25 +73,42 @@ struct Cli {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let cost = cost::run(&cost::CostOptions {
-        rounds: cli.rounds,
-        calls: cli.calls,
-        clients: cli.clients,
-        streams: cli.streams,
-        latency_calls: cli.latency_calls,
-        latency_rps: cli.latency_rps,
-    })
-    .await?;
-    eprintln!("cost done");
-    let propagation = traffic::propagation(cli.cycles).await?;
-    eprintln!("propagation done");
-    let split = traffic::split_quality(cli.split_calls, 20).await?;
-    eprintln!("split done");
+    let last: serde_json::Value = std::fs::read(cli.out.join("results.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let (cost, propagation, split) = if cli.scale_only {
+        (
+            last["cost"].clone(),
+            last["propagation"].clone(),
+            last["split"].clone(),
+        )
+    } else {
+        let cost = cost::run(&cost::CostOptions {
+            rounds: cli.rounds,
+            calls: cli.calls,
+            clients: cli.clients,
+            streams: cli.streams,
+            latency_calls: cli.latency_calls,
+            latency_rps: cli.latency_rps,
+        })
+        .await?;
+        eprintln!("cost done");
+        let propagation = traffic::propagation(cli.cycles).await?;
+        eprintln!("propagation done");
+        let split = traffic::split_quality(cli.split_calls, 20).await?;
+        eprintln!("split done");
+        (cost, propagation, split)
+    };
     let scale = scale::run(&scale::ScaleOptions {
         services: cli.services,
         endpoints: cli.endpoints,
         long_polls: cli.long_polls,
+        many_long_polls: cli.many_long_polls,
+        rolling_instances: cli.rolling_instances,
+        rolling_seconds: cli.rolling_seconds,
         plugin_endpoints: cli.plugin_endpoints,
+        plugin_cycles: cli.plugin_cycles,
     })
     .await?;
     let results = json!({
@@ -86,12 +118,20 @@ async fn main() -> anyhow::Result<()> {
         "split": split,
         "scale": scale,
     });
+    // The figures of the run before, shown beside these in RESULTS.md.
+    let before: serde_json::Value = std::fs::read(cli.out.join("before.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
     std::fs::create_dir_all(&cli.out)?;
     std::fs::write(
         cli.out.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    std::fs::write(cli.out.join("RESULTS.md"), report::markdown(&results))?;
+    std::fs::write(
+        cli.out.join("RESULTS.md"),
+        report::markdown(&results, &before),
+    )?;
     eprintln!("wrote {}", cli.out.join("RESULTS.md").display());
     Ok(())
 }

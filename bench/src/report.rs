@@ -35,7 +35,9 @@ fn num(v: &Value, digits: usize) -> String {
     v.as_f64().map_or("-".into(), |x| format!("{x:.digits$}"))
 }
 
-pub fn markdown(r: &Value) -> String {
+/// The Markdown report of `r`, with the figures of the run before (`b`,
+/// the last committed `results.json`) beside the headline ones.
+pub fn markdown(r: &Value, b: &Value) -> String {
     let env = &r["environment"];
     let mut md = format!(
         "# etcd-mesh benchmark results\n\n\
@@ -72,11 +74,14 @@ pub fn markdown(r: &Value) -> String {
     }
     let ratios = &cost["ratios"];
     md += &format!(
-        "\nEnvoy CPU per call: **d/b = {}**, **d/c = {}** (aim d/c ≤ 1.05); with the header override e/b = {}, e/c = {}.\n\n",
+        "\nEnvoy CPU per call: **d/b = {}**, **d/c = {}** (aim d/c ≤ 1.05); with the header override e/b = {}, e/c = {}. \
+         Before: d/b = {}, d/c = {}.\n\n",
         num(&ratios["d_over_b"], 2),
         num(&ratios["d_over_c"], 2),
         num(&ratios["e_over_b"], 2),
-        num(&ratios["e_over_c"], 2)
+        num(&ratios["e_over_c"], 2),
+        num(&b["cost"]["ratios"]["d_over_b"], 2),
+        num(&b["cost"]["ratios"]["d_over_c"], 2),
     );
     let p = &r["propagation"];
     md += &format!(
@@ -117,28 +122,171 @@ pub fn markdown(r: &Value) -> String {
         num(&f["min_hosts"], 0),
         num(&f["median_hosts"], 0)
     );
-    let sc = &r["scale"];
-    md += &format!(
-        "## Scale\n\nsync-server (release build) over {} services / {} endpoints:\n\n\
-         | | |\n|---|---|\n\
-         | time to the first ready snapshot | {} ms |\n\
-         | peak RSS | {} MiB |\n\
-         | serving one full snapshot ({} bytes) | {} ms |\n\
-         | one put → all {} waiting long-polls answered | {} ms (median {} ms) |\n\n\
-         The plugin with {} endpoints in its tables: put → poller holds the revision {} ms (median); \
-         a worker rebuilds its tables in {} ms.\n",
-        sc["services"],
-        sc["endpoints"],
-        num(&sc["time_to_ready_ms"], 0),
-        num(&sc["peak_rss_mib"], 0),
-        sc["full_snapshot_bytes"],
-        num(&sc["full_snapshot_serve_ms_median"], 1),
-        sc["long_polls"],
-        num(&sc["put_to_all_long_polls_answered_ms"], 1),
-        num(&sc["put_to_median_long_poll_answered_ms"], 1),
-        sc["plugin"]["endpoints"],
-        num(&sc["plugin"]["put_to_poller_holding_it_ms_median"], 1),
-        num(&sc["plugin"]["worker_table_refresh_ms_median"], 2),
+    md += &scale_section(&r["scale"], &b["scale"]);
+    md
+}
+
+/// The Scale section: the change feed against the full snapshot, side by
+/// side in this run, and the figures of the run before.
+fn scale_section(sc: &Value, before: &Value) -> String {
+    let snap = &sc["snapshot_long_polls"];
+    let polls = sc["delta_long_polls"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let delta = |i: usize, key: &str| polls.get(i).map_or(Value::Null, |p| p[key].clone());
+    let mut md = format!(
+        "## Scale\n\nsync-server (release build) over {} services / {} endpoints in etcd, \
+         answering raw HTTP/1.1 long-polls from this process; Envoy with two workers for the plugin rows. \
+         Each row says what it measures; *before* is the last committed run (the same rows, \
+         measured the old way where the old way is all there was).\n\n\
+         | what | now | before | goal |\n|---|---|---|---|\n",
+        sc["services"], sc["endpoints"],
+    );
+    let mut row = |what: String, now: String, was: String, goal: &str| {
+        md += &format!("| {what} | {now} | {was} | {goal} |\n");
+    };
+    row(
+        "time to the first ready snapshot".into(),
+        format!("{} ms", num(&sc["time_to_ready_ms"], 0)),
+        format!("{} ms", num(&before["time_to_ready_ms"], 0)),
+        "",
+    );
+    row(
+        "peak RSS of sync-server (after the long-poll runs)".into(),
+        format!("{} MiB", num(&sc["peak_rss_mib"], 0)),
+        format!("{} MiB", num(&before["peak_rss_mib"], 0)),
+        "",
+    );
+    row(
+        format!(
+            "GET /v1/snapshot, the whole registry ({} bytes)",
+            sc["full_snapshot_bytes"]
+        ),
+        format!("{} ms", num(&sc["full_snapshot_serve_ms_median"], 1)),
+        format!("{} ms", num(&before["full_snapshot_serve_ms_median"], 1)),
+        "",
+    );
+    row(
+        format!(
+            "one put → all {} held `/v1/snapshot` long-polls answered (full snapshot, p100)",
+            snap["long_polls"]
+        ),
+        format!(
+            "{} ms, {} B each",
+            num(&snap["all_answered_ms"], 1),
+            snap["bytes_per_answer"]
+        ),
+        format!(
+            "{} ms, {} B each",
+            num(&before["snapshot_long_polls"]["all_answered_ms"], 1),
+            before["snapshot_long_polls"]["bytes_per_answer"]
+        ),
+        "",
+    );
+    for (i, goal) in [(0, "< 50 ms, < 2 KB"), (1, "< 500 ms")] {
+        row(
+            format!(
+                "one put → all {} held `/v1/changes` long-polls answered (delta, p100)",
+                delta(i, "long_polls")
+            ),
+            format!(
+                "{} ms (median {} ms), {} B each",
+                num(&delta(i, "all_answered_ms"), 1),
+                num(&delta(i, "median_answered_ms"), 1),
+                delta(i, "bytes_per_answer")
+            ),
+            "(full snapshot only)".into(),
+            goal,
+        );
+    }
+    for rolling in sc["rolling_restart"].as_array().into_iter().flatten() {
+        row(
+            format!(
+                "rolling restart, {} instances in {} s ({} changes): bytes to one Envoy following `/v1/{}`",
+                rolling["instances"],
+                num(&rolling["seconds"], 0),
+                rolling["changes"],
+                rolling["feed"].as_str().unwrap_or("?")
+            ),
+            format!(
+                "{} MB in {} answers; sync-server CPU {} s",
+                num(&(rolling["bytes_to_one_envoy"].as_f64().unwrap_or(0.0) / 1e6).into(), 2),
+                rolling["answers"],
+                num(&rolling["sync_server_cpu_s"], 2)
+            ),
+            "".into(),
+            "",
+        );
+    }
+    let p = &sc["plugin"];
+    let bp = &before["plugin"];
+    row(
+        format!(
+            "plugin with {} endpoints: put → the poller holds it (median, p99)",
+            p["endpoints"]
+        ),
+        format!(
+            "{} ms, {} ms",
+            num(&p["put_to_poller_holding_it_ms_median"], 1),
+            num(&p["put_to_poller_holding_it_ms_p99"], 1)
+        ),
+        format!(
+            "{} ms at {} endpoints",
+            num(&bp["put_to_poller_holding_it_ms_median"], 1),
+            bp["endpoints"]
+        ),
+        "< 5 ms",
+    );
+    row(
+        "plugin: the poller applies one change (decode, check, write shared data; median)".into(),
+        format!("{} ms", num(&p["poller_apply_ms_median"], 2)),
+        "".into(),
+        "",
+    );
+    row(
+        "plugin: a worker applies one change (median, max)".into(),
+        format!(
+            "{} ms, {} ms",
+            num(&p["worker_apply_ms_median"], 3),
+            num(&p["worker_apply_ms_max"], 3)
+        ),
+        format!(
+            "{} ms (whole tables) at {} endpoints",
+            num(&bp["worker_table_refresh_ms_median"], 2),
+            bp["endpoints"]
+        ),
+        "< 0.5 ms",
+    );
+    row(
+        "plugin: a worker loads the whole tables (first call)".into(),
+        format!("{} ms", num(&p["worker_first_load_ms"], 1)),
+        "".into(),
+        "",
+    );
+    let prop = &p["propagation"];
+    row(
+        format!(
+            "plugin: put → first call on the endpoint, {} changes (p50, p99)",
+            prop["changes"]
+        ),
+        format!(
+            "{} ms, {} ms",
+            num(&prop["put_to_first_call"]["p50_ms"], 2),
+            num(&prop["put_to_first_call"]["p99_ms"], 2)
+        ),
+        "".into(),
+        "p99 ≤ 20 ms",
+    );
+    row(
+        "plugin: delete or weight 0 → last call on it (p50, p99)".into(),
+        format!(
+            "{} ms, {} ms",
+            num(&prop["delete_or_drain_to_last_call"]["p50_ms"], 2),
+            num(&prop["delete_or_drain_to_last_call"]["p99_ms"], 2)
+        ),
+        "".into(),
+        "",
     );
     md
 }

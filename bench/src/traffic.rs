@@ -60,7 +60,11 @@ fn summary(ms: &[f64]) -> Value {
 
 /// `cycles` × (add, weight 1→0, weight 0→1, remove): four changes each.
 pub async fn propagation(cycles: usize) -> anyhow::Result<Value> {
-    let mesh = Mesh::start(2).await;
+    propagation_on(&Mesh::start(2).await, cycles).await
+}
+
+/// The same on a mesh that may hold other registrations (a large registry).
+pub async fn propagation_on(mesh: &Mesh, cycles: usize) -> anyhow::Result<Value> {
     let _base = mesh.weighted_backends(&[1]).await;
     let extra = Backend::unregistered().await;
     let target = extra.addr.to_string();
