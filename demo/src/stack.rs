@@ -21,9 +21,10 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// The Envoy binary: `$ENVOY_BIN`, or the project's own venv.
+/// The Envoy binary: `$ETCD_MESH_ENVOY` (the Makefile sets it to the venv of
+/// `ENVOY_VERSION`), or the project's own venv with the default version.
 pub fn envoy_bin() -> PathBuf {
-    std::env::var_os("ENVOY_BIN")
+    std::env::var_os("ETCD_MESH_ENVOY")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"))
 }
