@@ -514,22 +514,33 @@ impl Envoy {
                 Ok(port)
             }
         };
-        let listen = SocketAddr::from(([127, 0, 0, 1], pick(options.listen_port)?));
-        let admin = SocketAddr::from(([127, 0, 0, 1], pick(options.admin_port)?));
         let wasm = wasm_path();
         if !wasm.exists() {
             return Err(format!("no plugin at {}: run `make build`", wasm.display()));
         }
         let template = std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
-        let mut rendered =
-            render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
-        if let Some(router) = &options.router_config {
-            rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
+        // A port picked here was free when picked, not necessarily when Envoy
+        // binds it (an outgoing connection can take it in between): then
+        // Envoy exits at once, and fresh ports are picked.
+        let picked = options.listen_port == 0 || options.admin_port == 0;
+        let mut tries_left = if picked { 3 } else { 1 };
+        loop {
+            let listen = SocketAddr::from(([127, 0, 0, 1], pick(options.listen_port)?));
+            let admin = SocketAddr::from(([127, 0, 0, 1], pick(options.admin_port)?));
+            let mut rendered =
+                render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
+            if let Some(router) = &options.router_config {
+                rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
+            }
+            if options.header_override {
+                rendered = rendered.replace("use_http_header: false", "use_http_header: true");
+            }
+            tries_left -= 1;
+            match Self::start_rendered(dir, &rendered, listen, admin, options.concurrency).await {
+                Err(e) if tries_left > 0 && e.contains("Address already in use") => continue,
+                started => return started,
+            }
         }
-        if options.header_override {
-            rendered = rendered.replace("use_http_header: false", "use_http_header: true");
-        }
-        Self::start_rendered(dir, &rendered, listen, admin, options.concurrency).await
     }
 
     /// Starts Envoy with a configuration already rendered, listening on
