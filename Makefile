@@ -43,7 +43,7 @@ test: wasm
 	@$(ETCD_MESH_ENVOY) --version | grep .
 	$(CARGO) test --workspace
 
-# The routing, plugin and gRPC suites on every Envoy of ENVOY_MATRIX (the
+# The routing, plugin, gRPC and delta suites on every Envoy of ENVOY_MATRIX (the
 # heavy scenarios suite runs on the default version only, in `make test`).
 test-envoy-matrix: wasm
 	@MAKE="$(MAKE)" scripts/envoy-matrix.sh $(ENVOY_MATRIX)
@@ -51,7 +51,7 @@ test-envoy-matrix: wasm
 # Those suites on ENVOY_VERSION alone (what the matrix runs per version).
 test-matrix-suites: wasm
 	@$(ETCD_MESH_ENVOY) --version | grep .
-	$(CARGO) test --no-fail-fast -p etcd-mesh-e2e --test routing --test plugin --test grpc
+	$(CARGO) test --no-fail-fast -p etcd-mesh-e2e --test routing --test plugin --test grpc --test delta
 
 lint: setup
 	$(CARGO) fmt --all --check

@@ -23,6 +23,28 @@ pub fn original_dst_arguments(addr: &str) -> Vec<u8> {
     out
 }
 
+/// What the load-time probes of Envoy's support ask, and what an answer
+/// of `NotFound` means is missing. Envoy answers `BadArgument` to each when
+/// the piece exists (checked on 1.36 to 1.40): the first arguments do not
+/// parse, the second name the key with a value that is not an address.
+/// (A valid address cannot probe: outside a request Envoy answers
+/// `NotFound` for it on every version.)
+pub fn support_probes() -> [(Vec<u8>, String); 2] {
+    let mut bad_value = Vec::new();
+    put_bytes(&mut bad_value, 1, ORIGINAL_DST_ADDRESS.as_bytes());
+    put_bytes(&mut bad_value, 2, b"not-an-address");
+    [
+        (
+            vec![0xff],
+            format!("this Envoy has no foreign function {SET_FILTER_STATE}"),
+        ),
+        (
+            bad_value,
+            format!("this Envoy does not know the filter state {ORIGINAL_DST_ADDRESS}"),
+        ),
+    ]
+}
+
 fn put_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
     put_varint(out, (field << 3) | 2);
     put_varint(out, bytes.len() as u64);

@@ -13,7 +13,7 @@ use crate::config::{
     HostOverride, OutlierConfig, PluginConfig, PollerConfig, RouterConfig, ServiceFrom,
 };
 use crate::feed::{index_names, service_key, ChangeLog, PollerTables, CHANGES_KEY, INDEX_KEY};
-use crate::filter_state::{original_dst_arguments, SET_FILTER_STATE};
+use crate::filter_state::{original_dst_arguments, support_probes, SET_FILTER_STATE};
 use crate::naming::{service_from_authority, service_from_grpc_path};
 use crate::outlier::{is_failure, Ejections, FailureCounter};
 use crate::poll::PollSchedule;
@@ -43,6 +43,24 @@ const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
 
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
+}
+
+/// Whether this Envoy has what the filter-state override needs; when it
+/// does not, says which piece is missing, and the plugin refuses to load
+/// rather than let calls fail one by one.
+fn envoy_supports_override() -> bool {
+    for (arguments, missing) in support_probes() {
+        if let Err(Status::NotFound) =
+            hostcalls::call_foreign_function(SET_FILTER_STATE, Some(&arguments))
+        {
+            log(
+                LogLevel::Critical,
+                &format!("etcd-mesh: {missing}; use an Envoy from 1.36 on, or \"host_override\": \"header\""),
+            );
+            return false;
+        }
+    }
+    true
 }
 
 fn now() -> SystemTime {
@@ -176,7 +194,12 @@ impl RootContext for MeshRoot {
             PluginConfig::Poller(config) => {
                 (Role::Poller(Box::new(Poller::new(config))), POLLER_TICK)
             }
-            PluginConfig::Router(config) => (Role::Router(Router::new(config)), ROUTER_TICK),
+            PluginConfig::Router(config) => {
+                if config.host_override == HostOverride::FilterState && !envoy_supports_override() {
+                    return false;
+                }
+                (Role::Router(Router::new(config)), ROUTER_TICK)
+            }
             PluginConfig::Noop => (Role::Noop, Duration::ZERO),
         };
         self.role = Some(role);
