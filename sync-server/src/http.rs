@@ -5,7 +5,7 @@
 //! directly; every error is an [`ApiError`], answered as JSON.
 
 use crate::metrics::{Metrics, WaiterGuard};
-use crate::publish::{Cursor, Published, Publisher};
+use crate::publish::{Answer, Cursor, Published, Publisher};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -257,9 +257,9 @@ async fn snapshot(
             return Ok(full(current));
         }
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return Ok(not_modified(current.as_ref())) },
-            _ = tokio::time::sleep_until(deadline) => return Ok(not_modified(current.as_ref())),
-            _ = state.shutdown.cancelled() => return Ok(not_modified(current.as_ref())),
+            changed = changes.changed() => if changed.is_err() { return Ok(not_modified(current.as_deref())) },
+            _ = tokio::time::sleep_until(deadline) => return Ok(not_modified(current.as_deref())),
+            _ = state.shutdown.cancelled() => return Ok(not_modified(current.as_deref())),
         }
     }
 }
@@ -277,8 +277,8 @@ async fn changes(
         epoch: query.epoch,
         scope: query.services.map(Arc::new),
     };
-    let answer = |current: &Published| {
-        current.changes(&cursor).map(|answer| {
+    let respond = |current: &Published, answer: Option<Arc<Answer>>| match answer {
+        Some(answer) => {
             let kind = if answer.full {
                 &state.metrics.changes_full_total
             } else {
@@ -288,7 +288,8 @@ async fn changes(
             let mut response = Response::new(Body::from(answer.body.clone()));
             set_headers(&mut response, Some(current));
             response
-        })
+        }
+        None => not_modified(Some(current)),
     };
     let waiting = (query.wait > Duration::ZERO)
         .then(|| long_poll_slot(&state))
@@ -308,11 +309,12 @@ async fn changes(
             }
             continue;
         };
-        let ready = current
-            .changes(&cursor)
+        let answer = current.changes(&cursor);
+        let ready = answer
+            .as_ref()
             .is_some_and(|a| !(a.empty && cursor.scope.is_some()));
         if ready || waiting.is_none() {
-            return Ok(answer(&current).unwrap_or_else(|| not_modified(Some(&current))));
+            return Ok(respond(&current, answer));
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { break },
@@ -322,7 +324,7 @@ async fn changes(
     }
     // The wait ran out: an empty scoped delta still moves the client on.
     let current = state.publisher.current().ok_or_else(ApiError::not_ready)?;
-    Ok(answer(&current).unwrap_or_else(|| not_modified(Some(&current))))
+    Ok(respond(&current, current.changes(&cursor)))
 }
 
 fn full(published: &Published) -> Response {
@@ -331,10 +333,10 @@ fn full(published: &Published) -> Response {
     response
 }
 
-fn not_modified(published: Option<&Arc<Published>>) -> Response {
+fn not_modified(published: Option<&Published>) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::NOT_MODIFIED;
-    set_headers(&mut response, published.map(|p| p.as_ref()));
+    set_headers(&mut response, published);
     response
 }
 
@@ -345,8 +347,8 @@ fn set_headers(response: &mut Response, published: Option<&Published>) {
         HeaderValue::from_static("application/json"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Some(etag) = published.and_then(|p| HeaderValue::from_str(&p.etag).ok()) {
-        headers.insert(header::ETAG, etag);
+    if let Some(published) = published {
+        headers.insert(header::ETAG, published.etag.clone());
     }
 }
 

@@ -10,6 +10,7 @@
 
 use crate::registry::{Commit, Tables};
 use axum::body::Bytes;
+use axum::http::HeaderValue;
 use etcd_mesh_wire::{Digest, Snapshot};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::value::RawValue;
@@ -154,7 +155,7 @@ pub struct Published {
     pub tables: Tables,
     pub history: History,
     /// `"<revision>"`, the ETag.
-    pub etag: String,
+    pub etag: HeaderValue,
     full: OnceLock<Bytes>,
     answers: Mutex<VecDeque<(Cursor, Arc<Answer>)>>,
 }
@@ -177,7 +178,8 @@ impl Published {
             stale,
             tables,
             history,
-            etag: format!("\"{revision}\""),
+            etag: HeaderValue::from_str(&format!("\"{revision}\""))
+                .unwrap_or(HeaderValue::from_static("\"0\"")),
             full: OnceLock::new(),
             answers: Mutex::new(VecDeque::new()),
         }
