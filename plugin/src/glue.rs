@@ -496,7 +496,9 @@ impl WorkerState {
                 _ => Ejections::default(),
             };
             let now = now_ms();
-            let active = list.active(now).map(|e| (e.addr.clone(), e.until_ms));
+            let active = list
+                .active(now)
+                .map(|e| (e.service.clone(), e.addr.clone(), e.until_ms));
             self.tables.borrow_mut().set_ejections(active);
             seen.ejections = version.ejections;
         }
@@ -568,7 +570,11 @@ impl WorkerState {
     /// Counts a finished call; ejects its endpoint at the threshold.
     fn record(&self, outlier: &OutlierConfig, service: &str, addr: &str, failed: bool) {
         let threshold = outlier.consecutive_failures;
-        if !self.failures.borrow_mut().record(addr, failed, threshold) {
+        if !self
+            .failures
+            .borrow_mut()
+            .record(service, addr, failed, threshold)
+        {
             return;
         }
         let (live, ejected) = self.tables.borrow().ejection_room(service);
@@ -576,7 +582,7 @@ impl WorkerState {
         let made = RefCell::new(None);
         let written = update_shared(EJECTIONS_KEY, |bytes| {
             let mut list = bytes.map(Ejections::decode).unwrap_or_default();
-            *made.borrow_mut() = list.eject(addr, now, outlier, live, ejected);
+            *made.borrow_mut() = list.eject(service, addr, now, outlier, live, ejected);
             made.borrow().as_ref().map(|_| list.encode())
         });
         let Some(record) = made.into_inner().filter(|_| matches!(written, Ok(true))) else {

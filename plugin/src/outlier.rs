@@ -1,7 +1,8 @@
 //! Passive outlier ejection, after Envoy's outlier detection.
 //!
 //! Each worker counts the failures in a row of every endpoint it sends
-//! calls to (a connect failure, a reset or an upstream `UNAVAILABLE` all
+//! calls to, per service (one `ip:port` may serve two services, and fail
+//! for one only) (a connect failure, a reset or an upstream `UNAVAILABLE` all
 //! reach the filter as gRPC status 14). At the threshold it ejects the
 //! endpoint for every worker of the Envoy through shared data: the n-th
 //! ejection of an endpoint lasts n times the base, up to a cap, and at most
@@ -20,23 +21,29 @@ pub fn is_failure(grpc_status: &str) -> bool {
     grpc_status.trim() == UNAVAILABLE
 }
 
-/// One worker's failure counts.
+/// One worker's failure counts, by service and address.
 #[derive(Debug, Default)]
 pub struct FailureCounter {
-    in_a_row: HashMap<String, u32>,
+    in_a_row: HashMap<String, HashMap<String, u32>>,
 }
 
 impl FailureCounter {
-    /// Records a call's outcome; true when `addr` just reached `threshold`.
-    pub fn record(&mut self, addr: &str, failed: bool, threshold: u32) -> bool {
+    /// Records a call's outcome; true when `addr` of `service` just reached
+    /// `threshold`.
+    pub fn record(&mut self, service: &str, addr: &str, failed: bool, threshold: u32) -> bool {
         if !failed {
             // Lookup first: the common path allocates nothing.
-            if let Some(count) = self.in_a_row.get_mut(addr) {
+            if let Some(count) = self
+                .in_a_row
+                .get_mut(service)
+                .and_then(|by_addr| by_addr.get_mut(addr))
+            {
                 *count = 0;
             }
             return false;
         }
-        let count = self.in_a_row.entry(addr.to_owned()).or_insert(0);
+        let by_addr = self.in_a_row.entry(service.to_owned()).or_default();
+        let count = by_addr.entry(addr.to_owned()).or_insert(0);
         *count += 1;
         if *count >= threshold {
             *count = 0;
@@ -50,6 +57,7 @@ impl FailureCounter {
 /// lasts longer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ejection {
+    pub service: String,
     pub addr: String,
     /// Milliseconds since the epoch (host clock) when it ends.
     pub until_ms: u64,
@@ -58,7 +66,8 @@ pub struct Ejection {
 }
 
 /// All ejection records of one Envoy, as kept in shared data: one
-/// `addr until_ms times` line each. Lines that do not parse are skipped.
+/// `until_ms times service addr` line each (the service name may hold
+/// spaces; an address never does). Lines that do not parse are skipped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ejections(pub Vec<Ejection>);
 
@@ -68,12 +77,13 @@ impl Ejections {
         let records = text
             .lines()
             .filter_map(|line| {
-                let mut fields = line.split(' ');
-                let addr = fields.next()?.to_owned();
+                let mut fields = line.splitn(3, ' ');
                 let until_ms = fields.next()?.parse().ok()?;
                 let times = fields.next()?.parse().ok()?;
+                let (service, addr) = fields.next()?.rsplit_once(' ')?;
                 Some(Ejection {
-                    addr,
+                    service: service.to_owned(),
+                    addr: addr.to_owned(),
                     until_ms,
                     times,
                 })
@@ -85,7 +95,10 @@ impl Ejections {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = String::new();
         for e in &self.0 {
-            out.push_str(&format!("{} {} {}\n", e.addr, e.until_ms, e.times));
+            out.push_str(&format!(
+                "{} {} {} {}\n",
+                e.until_ms, e.times, e.service, e.addr
+            ));
         }
         out.into_bytes()
     }
@@ -95,21 +108,28 @@ impl Ejections {
         self.0.iter().filter(move |e| e.until_ms > now_ms)
     }
 
-    /// Ejects `addr` at `now_ms` if the rules allow: not already out, and
-    /// fewer than the allowed share of its service's `live` endpoints out
-    /// (`ejected_in_service` of them are). Returns the new record.
+    /// Ejects `addr` of `service` at `now_ms` if the rules allow: not
+    /// already out, a name that fits a line, and fewer than the allowed
+    /// share of the service's `live` endpoints out (`ejected_in_service` of
+    /// them are). Returns the new record.
     pub fn eject(
         &mut self,
+        service: &str,
         addr: &str,
         now_ms: u64,
         config: &OutlierConfig,
         live: usize,
         ejected_in_service: usize,
     ) -> Option<Ejection> {
-        if ejected_in_service >= max_ejectable(live, config.max_ejection_percent) {
+        if ejected_in_service >= max_ejectable(live, config.max_ejection_percent)
+            || service.contains('\n')
+        {
             return None;
         }
-        let previous = self.0.iter().position(|e| e.addr == addr);
+        let previous = self
+            .0
+            .iter()
+            .position(|e| e.addr == addr && e.service == service);
         let times = match previous.map(|i| &self.0[i]) {
             Some(e) if e.until_ms > now_ms => return None,
             // Healthy for a whole maximum ejection since: start over.
@@ -122,6 +142,7 @@ impl Ejections {
             .saturating_mul(u64::from(times))
             .min(config.max_ejection_ms);
         let record = Ejection {
+            service: service.to_owned(),
             addr: addr.to_owned(),
             until_ms: now_ms.saturating_add(length),
             times,
@@ -163,13 +184,17 @@ mod tests {
     #[test]
     fn counts_failures_in_a_row() {
         let mut counter = FailureCounter::default();
-        assert!(!counter.record("a", true, 3));
-        assert!(!counter.record("a", true, 3));
-        assert!(!counter.record("a", false, 3));
-        assert!(!counter.record("a", true, 3));
-        assert!(!counter.record("a", true, 3));
-        assert!(counter.record("a", true, 3));
-        assert!(!counter.record("a", true, 3), "counting starts over");
+        assert!(!counter.record("s", "a", true, 3));
+        assert!(!counter.record("s", "a", true, 3));
+        assert!(!counter.record("s", "a", false, 3));
+        assert!(!counter.record("s", "a", true, 3));
+        assert!(!counter.record("s", "a", true, 3));
+        assert!(
+            !counter.record("t", "a", true, 3),
+            "another service's count"
+        );
+        assert!(counter.record("s", "a", true, 3));
+        assert!(!counter.record("s", "a", true, 3), "counting starts over");
         assert!(is_failure("14") && !is_failure("0") && !is_failure("2"));
     }
 
@@ -177,22 +202,22 @@ mod tests {
     fn ejections_grow_cap_and_reset() {
         let c = config();
         let mut list = Ejections::default();
-        let first = list.eject("a", 10_000, &c, 4, 0).expect("ejected");
+        let first = list.eject("s", "a", 10_000, &c, 4, 0).expect("ejected");
         assert_eq!((first.until_ms, first.times), (11_000, 1));
-        assert_eq!(list.eject("a", 10_500, &c, 4, 1), None, "already out");
-        let second = list.eject("a", 12_000, &c, 4, 0).expect("ejected");
+        assert_eq!(list.eject("s", "a", 10_500, &c, 4, 1), None, "already out");
+        let second = list.eject("s", "a", 12_000, &c, 4, 0).expect("ejected");
         assert_eq!((second.until_ms, second.times), (14_000, 2));
         for _ in 0..5 {
             let until = list.0[0].until_ms;
-            list.eject("a", until, &c, 4, 0).expect("ejected");
+            list.eject("s", "a", until, &c, 4, 0).expect("ejected");
         }
         let capped = list.0[0].clone();
         assert!(capped.times >= 5);
         let now = capped.until_ms;
-        let again = list.eject("a", now, &c, 4, 0).expect("ejected");
+        let again = list.eject("s", "a", now, &c, 4, 0).expect("ejected");
         assert_eq!(again.until_ms - now, 5000, "capped at the maximum");
         let later = again.until_ms + 5001;
-        let fresh = list.eject("a", later, &c, 4, 0).expect("ejected");
+        let fresh = list.eject("s", "a", later, &c, 4, 0).expect("ejected");
         assert_eq!(fresh.times, 1, "healthy for long enough: starts over");
     }
 
@@ -206,19 +231,24 @@ mod tests {
         assert_eq!(max_ejectable(4, 0), 0);
         let c = config();
         let mut list = Ejections::default();
-        assert!(list.eject("a", 0, &c, 2, 0).is_some());
-        assert!(list.eject("b", 0, &c, 2, 1).is_none());
+        assert!(list.eject("s", "a", 0, &c, 2, 0).is_some());
+        assert!(list.eject("s", "b", 0, &c, 2, 1).is_none());
+        assert!(
+            list.eject("t", "a", 0, &c, 2, 0).is_some(),
+            "the same address in another service is its own endpoint"
+        );
     }
 
     #[test]
     fn round_trips_and_skips_garbage() {
         let list = Ejections(vec![Ejection {
+            service: "a service".into(),
             addr: "127.0.0.1:1".into(),
             until_ms: 5,
             times: 2,
         }]);
         assert_eq!(Ejections::decode(&list.encode()), list);
-        let noisy = b"127.0.0.1:1 5 2\ngarbage\n1.2.3.4:5 x 1\n\xff\xfe\n";
+        let noisy = b"5 2 a service 127.0.0.1:1\ngarbage\nx 1 s 1.2.3.4:5\n\xff\xfe\n";
         assert_eq!(Ejections::decode(noisy), list);
     }
 }

@@ -17,8 +17,9 @@ pub struct WorkerTables {
     services: HashMap<String, (SmoothPicker, u64)>,
     digest: Digest,
     rng: SplitMix64,
-    /// Ejected endpoints and when (host clock, ms) each comes back.
-    ejected: HashMap<String, u64>,
+    /// Ejected endpoints by service and address, and when (host clock,
+    /// ms) each comes back.
+    ejected: HashMap<String, HashMap<String, u64>>,
 }
 
 /// What `pick` found.
@@ -89,7 +90,8 @@ impl WorkerTables {
             }
             None => SmoothPicker::randomised(endpoints, &mut self.rng),
         };
-        picker.set_ejected(|addr| self.ejected.contains_key(addr));
+        let out = self.ejected.get(name);
+        picker.set_ejected(|addr| out.is_some_and(|out| out.contains_key(addr)));
         self.digest.add(hash);
         self.services.insert(name.to_owned(), (picker, hash));
         Ok(())
@@ -117,18 +119,26 @@ impl WorkerTables {
         errors
     }
 
-    /// Replaces the set of ejected endpoints (addr, until).
-    pub fn set_ejections(&mut self, ejected: impl IntoIterator<Item = (String, u64)>) {
-        self.ejected = ejected.into_iter().collect();
+    /// Replaces the set of ejected endpoints (service, addr, until).
+    pub fn set_ejections(&mut self, ejected: impl IntoIterator<Item = (String, String, u64)>) {
+        self.ejected.clear();
+        for (service, addr, until) in ejected {
+            self.ejected.entry(service).or_default().insert(addr, until);
+        }
         self.mark_ejected();
     }
 
     /// Lets back the endpoints whose ejection is over at `now_ms`; true if
     /// any came back.
     pub fn expire_ejections(&mut self, now_ms: u64) -> bool {
-        let before = self.ejected.len();
-        self.ejected.retain(|_, until| *until > now_ms);
-        let changed = self.ejected.len() != before;
+        let count =
+            |e: &HashMap<String, HashMap<String, u64>>| e.values().map(HashMap::len).sum::<usize>();
+        let before = count(&self.ejected);
+        for out in self.ejected.values_mut() {
+            out.retain(|_, until| *until > now_ms);
+        }
+        self.ejected.retain(|_, out| !out.is_empty());
+        let changed = count(&self.ejected) != before;
         if changed {
             self.mark_ejected();
         }
@@ -136,8 +146,9 @@ impl WorkerTables {
     }
 
     fn mark_ejected(&mut self) {
-        for (picker, _) in self.services.values_mut() {
-            picker.set_ejected(|addr| self.ejected.contains_key(addr));
+        for (name, (picker, _)) in &mut self.services {
+            let out = self.ejected.get(name);
+            picker.set_ejected(|addr| out.is_some_and(|out| out.contains_key(addr)));
         }
     }
 
@@ -222,8 +233,17 @@ mod tests {
                 &value(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)]),
             )
             .expect("valid");
-        tables.set_ejections([("127.0.0.1:1".to_owned(), 1000)]);
+        tables
+            .apply_service("other", &value(&[("127.0.0.1:1", 1)]))
+            .expect("valid");
+        tables.set_ejections([("demo.Echo".to_owned(), "127.0.0.1:1".to_owned(), 1000)]);
         assert_eq!(tables.ejection_room("demo.Echo"), (2, 1));
+        assert_eq!(
+            tables.ejection_room("other"),
+            (1, 0),
+            "ejected for demo.Echo only"
+        );
+        assert_eq!(tables.pick("other"), Pick::Endpoint("127.0.0.1:1"));
         tables
             .apply_service(
                 "demo.Echo",
