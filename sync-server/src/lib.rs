@@ -79,7 +79,7 @@ pub async fn run(
     let mut state = AppState::new(publisher.clone(), shutdown.clone());
     state.token = config.token.map(Arc::from);
     state.max_long_polls = config.max_long_polls;
-    let sync = tokio::spawn(etcd::sync(
+    let mut sync = tokio::spawn(etcd::sync(
         config.etcd,
         Registry::new(config.watches),
         publisher.clone(),
@@ -93,12 +93,44 @@ pub async fn run(
         axum::serve(listener, app(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned()),
     );
+    let mut serve = std::pin::pin!(serve);
+    let mut sync_ended = false;
     let served = tokio::select! {
-        served = serve => served,
+        served = &mut serve => served,
+        // The etcd task ends only on shutdown: ending before means a bug
+        // (a panic), and serving on would serve stale tables as fresh.
+        ended = &mut sync => {
+            sync_ended = true;
+            if shutdown.is_cancelled() && !matches!(&ended, Err(e) if e.is_panic()) {
+                // Shutting down: in-flight requests get the grace period.
+                return finish(
+                    tokio::time::timeout(SHUTDOWN_GRACE, &mut serve).await.unwrap_or(Ok(())),
+                    persist,
+                )
+                .await;
+            }
+            let why = match ended {
+                Err(e) if e.is_panic() => "it panicked".to_owned(),
+                Err(e) => e.to_string(),
+                Ok(()) => "it returned".to_owned(),
+            };
+            tracing::error!(%why, "the etcd sync task ended; stopping");
+            Err(std::io::Error::other(format!("the etcd sync task ended: {why}")))
+        }
         _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
     };
     shutdown.cancel();
-    let _ = sync.await;
+    if !sync_ended {
+        let _ = sync.await;
+    }
+    finish(served, persist).await
+}
+
+/// Waits for the snapshot file's last write, then returns `served`.
+async fn finish(
+    served: std::io::Result<()>,
+    persist: Option<tokio::task::JoinHandle<()>>,
+) -> std::io::Result<()> {
     if let Some(persist) = persist {
         let _ = persist.await;
     }
