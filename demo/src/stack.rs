@@ -613,14 +613,35 @@ impl Envoy {
         })
     }
 
-    /// Waits until the plugin holds tables at `revision` or newer.
+    /// Every stat whose name matches the regular expression `pattern`.
+    pub async fn stats_matching(&self, pattern: &str) -> Vec<(String, u64)> {
+        let Ok((200, body)) = http_get(self.admin, &format!("/stats?filter={pattern}")).await
+        else {
+            return Vec::new();
+        };
+        body.lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(": ")?;
+                Some((name.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Waits until the plugin holds tables at `revision` or newer: the
+    /// poller, and every worker (each reads new tables on its tick).
     pub async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> Result<(), String> {
         wait_for(
-            &format!("the plugin to hold revision {revision}"),
+            &format!("the plugin's poller and workers to hold revision {revision}"),
             timeout,
             || async move {
                 let held = self.stat("wasmcustom.etcd_mesh.table_revision").await?;
-                (held >= revision).then_some(())
+                let workers = self
+                    .stats_matching("^wasmcustom.etcd_mesh.worker_[0-9]*.table_revision$")
+                    .await;
+                (held >= revision
+                    && !workers.is_empty()
+                    && workers.iter().all(|(_, r)| *r >= revision))
+                .then_some(())
             },
         )
         .await

@@ -87,6 +87,10 @@ pub struct RouterConfig {
     /// Passive outlier ejection; `null` turns it off.
     #[serde(default = "default_outlier")]
     pub outlier_detection: Option<OutlierConfig>,
+    /// How often (ms) each worker checks for new tables: a 16-byte read per
+    /// tick rather than per call, at most this much added to propagation.
+    #[serde(default = "default_refresh_ms")]
+    pub refresh_ms: u32,
 }
 
 impl Default for RouterConfig {
@@ -97,6 +101,7 @@ impl Default for RouterConfig {
             no_endpoint_status: default_no_endpoint_status(),
             host_override: HostOverride::default(),
             outlier_detection: default_outlier(),
+            refresh_ms: default_refresh_ms(),
         }
     }
 }
@@ -141,6 +146,9 @@ fn default_max_backoff_ms() -> u32 {
 }
 fn default_no_endpoint_status() -> u32 {
     14
+}
+fn default_refresh_ms() -> u32 {
+    5
 }
 fn default_outlier() -> Option<OutlierConfig> {
     Some(OutlierConfig::default())
@@ -199,6 +207,12 @@ impl PluginConfig {
                             "`service_from.header` {name:?} must be a lower-case, non-pseudo header name"
                         ));
                     }
+                }
+                if !(1..=1000).contains(&router.refresh_ms) {
+                    return Err(format!(
+                        "`refresh_ms` is {}, expected 1..=1000",
+                        router.refresh_ms
+                    ));
                 }
                 if !(1..=16).contains(&router.no_endpoint_status) {
                     return Err(format!(
@@ -311,6 +325,7 @@ mod tests {
             (br#"{"role":"poller","cluster":""}"#, "cluster"),
             (br#"{"role":"poller","cluster":"s","bearer_token":"a b"}"#, "bearer_token"),
             (br#"{"role":"poller","cluster":"s","services":[]}"#, "services"),
+            (br#"{"role":"router","refresh_ms":0}"#, "refresh_ms"),
             (br#"{"role":"poller","cluster":"s","services":["a,b"]}"#, "comma"),
             (br#"{"role":"pollster"}"#, "pollster"),
             (br#"{"cluster":"s"}"#, "role"),

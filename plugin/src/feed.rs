@@ -40,9 +40,17 @@ pub struct ChangeLog {
     reload_at: u64,
     /// (sequence, names changed), oldest first, consecutive sequences.
     updates: VecDeque<(u64, Vec<String>)>,
+    /// The etcd revision of the tables as of the newest update.
+    #[serde(default)]
+    revision: u64,
 }
 
 impl ChangeLog {
+    /// The etcd revision of the tables as of [`Self::latest`].
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
     /// The newest sequence the log knows.
     pub fn latest(&self) -> u64 {
         self.updates.back().map_or(self.reload_at, |(seq, _)| *seq)
@@ -228,6 +236,7 @@ impl PollerTables {
         self.seq += 1;
         update.seq = self.seq;
         update.full = changes.full;
+        self.log.revision = changes.revision;
         if changes.full {
             self.log.record_reload(self.seq);
         } else {
@@ -330,6 +339,7 @@ mod tests {
         let log = ChangeLog::decode(&delta.log).expect("decodes");
         assert_eq!(log.since(Some(1)), Some(BTreeSet::from(["a", "b"])));
         assert_eq!(log.since(Some(0)), None, "before the full load");
+        assert_eq!(log.revision(), 12);
         // Nothing newer, then a weight change that keeps the names.
         assert_eq!(held.apply(changes(12, 10, &[], &[], &[("a", 3)])), Ok(None));
         let same_names = held

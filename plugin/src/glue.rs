@@ -4,10 +4,11 @@
 //! handled here, rather than the trait helpers, which panic on host errors.
 //! A panic would take the VM, and every call of this worker, down with it.
 //!
-//! Per call the router makes these host calls: the 16-byte version read,
-//! the header that names the service, the override (filter state or
-//! header), and, with outlier detection on, the `grpc-status` of the reply.
-//! Everything else happens only when something changed.
+//! Per call the router makes two host calls: the header that names the
+//! service and the override (filter state or header); a failed call
+//! (a trailers-only reply) adds the read of its `grpc-status`. Whether the
+//! tables changed is checked on the worker's tick, not per call, and
+//! everything else happens only when something changed.
 
 use crate::config::{
     HostOverride, OutlierConfig, PluginConfig, PollerConfig, RouterConfig, ServiceFrom,
@@ -36,8 +37,9 @@ proxy_wasm::main! {{
 
 /// How often the poller checks whether a poll is due (after a backoff).
 const POLLER_TICK: Duration = Duration::from_millis(100);
-/// How often workers flush their counters and let ejected endpoints back.
-const ROUTER_TICK: Duration = Duration::from_millis(500);
+/// How often workers flush their counters and let ejected endpoints back
+/// (they check for new tables on every tick, `refresh_ms`).
+const ROUTER_FLUSH: Duration = Duration::from_millis(500);
 /// The header the ORIGINAL_DST cluster reads in `header` override mode.
 const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
 
@@ -198,7 +200,8 @@ impl RootContext for MeshRoot {
                 if config.host_override == HostOverride::FilterState && !envoy_supports_override() {
                     return false;
                 }
-                (Role::Router(Router::new(config)), ROUTER_TICK)
+                let tick = Duration::from_millis(u64::from(config.refresh_ms));
+                (Role::Router(Router::new(config)), tick)
             }
             PluginConfig::Noop => (Role::Noop, Duration::ZERO),
         };
@@ -402,7 +405,30 @@ struct Router {
     no_endpoint: Metric,
     ejections: Metric,
     refresh_us: Metric,
-    digest: Metric,
+    /// When the counters were last flushed.
+    flushed: SystemTime,
+}
+
+/// Shared-data key counting the router VMs started, so each has a number.
+const WORKER_COUNT_KEY: &str = "etcd-mesh/workers";
+
+/// This VM's number among the router VMs of the Envoy (from 0).
+fn worker_number() -> u64 {
+    let taken = Cell::new(0);
+    let counted = update_shared(WORKER_COUNT_KEY, |bytes| {
+        let count = bytes
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        taken.set(count);
+        Some((count + 1).to_le_bytes().to_vec())
+    });
+    if counted.is_err() {
+        log(
+            LogLevel::Warn,
+            "etcd-mesh: cannot number this worker; its gauges may be shared",
+        );
+    }
+    taken.get()
 }
 
 /// What the calls of one worker share.
@@ -417,6 +443,11 @@ struct WorkerState {
     no_endpoint: Cell<u64>,
     ejections: Cell<u64>,
     refresh_us: Cell<Option<u64>>,
+    /// This worker's gauges, set when its tables change: the revision and
+    /// digest it routes with. Made at the first refresh: a router root
+    /// context that never ticks (Envoy keeps one on the main thread) gets
+    /// none, so every gauge there is belongs to a worker that routes.
+    worker_gauges: Cell<Option<(Metric, Metric)>>,
     /// The last refresh error logged, so a lasting one is logged once.
     last_error: RefCell<Option<String>>,
 }
@@ -433,13 +464,14 @@ impl Router {
                 no_endpoint: Cell::new(0),
                 ejections: Cell::new(0),
                 refresh_us: Cell::new(None),
+                worker_gauges: Cell::new(None),
                 last_error: RefCell::new(None),
             }),
             routed: Metric::define(MetricType::Counter, "etcd_mesh.calls_routed"),
             no_endpoint: Metric::define(MetricType::Counter, "etcd_mesh.calls_no_endpoint"),
             ejections: Metric::define(MetricType::Counter, "etcd_mesh.ejections"),
             refresh_us: Metric::define(MetricType::Gauge, "etcd_mesh.table_refresh_us"),
-            digest: Metric::define(MetricType::Gauge, "etcd_mesh.worker_table_digest"),
+            flushed: UNIX_EPOCH,
         }
     }
 
@@ -450,16 +482,23 @@ impl Router {
         }
     }
 
-    /// Per-call counters are kept in the VM and flushed here: a stats host
-    /// call on every request would cost as much as the pick.
-    fn on_tick(&self) {
+    /// Every tick: new tables or ejections, if the version moved (one
+    /// 16-byte read per tick instead of one per call). Every
+    /// [`ROUTER_FLUSH`]: the per-call counters, kept in the VM because a
+    /// stats host call on every request would cost as much as the pick.
+    fn on_tick(&mut self) {
         let shared = &self.shared;
+        shared.refresh();
+        let now = now();
+        if now.duration_since(self.flushed).unwrap_or_default() < ROUTER_FLUSH {
+            return;
+        }
+        self.flushed = now;
         self.routed.add(shared.routed.take());
         self.no_endpoint.add(shared.no_endpoint.take());
         self.ejections.add(shared.ejections.take());
         if let Some(us) = shared.refresh_us.take() {
             self.refresh_us.set(us);
-            self.digest.set(shared.tables.borrow().digest().value());
         }
         if shared.config.outlier_detection.is_some() {
             shared.tables.borrow_mut().expire_ejections(now_ms());
@@ -534,6 +573,20 @@ impl WorkerState {
             }
         }
         tables.set_seq(changes.latest());
+        let (revision, digest) = self.worker_gauges.get().unwrap_or_else(|| {
+            let worker = worker_number();
+            let gauge = |what: &str| {
+                Metric::define(
+                    MetricType::Gauge,
+                    &format!("etcd_mesh.worker_{worker}.{what}"),
+                )
+            };
+            let gauges = (gauge("table_revision"), gauge("table_digest"));
+            self.worker_gauges.set(Some(gauges));
+            gauges
+        });
+        revision.set(changes.revision());
+        digest.set(tables.digest().value());
         // A value that does not decode keeps its service as it was; it is
         // not read again until it changes.
         for e in bad {
@@ -624,7 +677,10 @@ impl Context for RouteCall {}
 impl HttpContext for RouteCall {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let shared = &self.shared;
-        shared.refresh();
+        // Before the first tick has loaded any tables.
+        if shared.tables.borrow().seq().is_none() {
+            shared.refresh();
+        }
         let service = match shared.service_name() {
             Ok(service) => service,
             Err(message) => return reply(GrpcStatusCode::Unimplemented, message),
@@ -669,32 +725,26 @@ impl HttpContext for RouteCall {
         Action::Continue
     }
 
+    /// Settles the call for outlier detection. A failure (a connect
+    /// failure, a reset, a backend's `UNAVAILABLE`) reaches the filter as a
+    /// trailers-only reply, `end_of_stream` on the headers: only then is
+    /// its `grpc-status` read. A reply with a body is a success, known
+    /// without a host call.
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        // A trailers-only reply (how Envoy reports a connect failure or
-        // reset to a gRPC client) carries its status here.
-        if end_of_stream {
-            self.settle(MapType::HttpResponseHeaders);
-        }
-        Action::Continue
-    }
-
-    fn on_http_response_trailers(&mut self, _: usize) -> Action {
-        self.settle(MapType::HttpResponseTrailers);
-        Action::Continue
-    }
-}
-
-impl RouteCall {
-    fn settle(&mut self, map: MapType) {
         let Some((service, addr)) = self.picked.take() else {
-            return;
+            return Action::Continue;
         };
         let Some(outlier) = &self.shared.config.outlier_detection else {
-            return;
+            return Action::Continue;
         };
-        let status = hostcalls::get_map_value(map, "grpc-status").ok().flatten();
-        let failed = status.as_deref().is_some_and(is_failure);
+        let failed = end_of_stream
+            && hostcalls::get_map_value(MapType::HttpResponseHeaders, "grpc-status")
+                .ok()
+                .flatten()
+                .as_deref()
+                .is_some_and(is_failure);
         self.shared.record(outlier, &service, &addr, failed);
+        Action::Continue
     }
 }
 
