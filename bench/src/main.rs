@@ -19,7 +19,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 struct Cli {
     /// Interleaved rounds of the per-call cost runs.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     rounds: usize,
     /// Calls per variant per round.
     #[arg(long, default_value_t = 20_000)]

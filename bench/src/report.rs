@@ -72,17 +72,7 @@ pub fn markdown(r: &Value, b: &Value) -> String {
             num(&v["p99_us"], 0)
         );
     }
-    let ratios = &cost["ratios"];
-    md += &format!(
-        "\nEnvoy CPU per call: **d/b = {}**, **d/c = {}** (aim d/c ≤ 1.05); with the header override e/b = {}, e/c = {}. \
-         Before: d/b = {}, d/c = {}.\n\n",
-        num(&ratios["d_over_b"], 2),
-        num(&ratios["d_over_c"], 2),
-        num(&ratios["e_over_b"], 2),
-        num(&ratios["e_over_c"], 2),
-        num(&b["cost"]["ratios"]["d_over_b"], 2),
-        num(&b["cost"]["ratios"]["d_over_c"], 2),
-    );
+    md += &ladder_section(cost, &b["cost"]);
     let p = &r["propagation"];
     md += &format!(
         "## How fast a change reaches traffic\n\n{} changes (add, weight 1→0, weight 0→1, delete), Envoy with two workers, \
@@ -287,6 +277,46 @@ fn scale_section(sc: &Value, before: &Value) -> String {
         ),
         "".into(),
         "",
+    );
+    md
+}
+
+/// The cost ladder: each ratio paired inside a round, median and range over
+/// the rounds, with the figures of the run before.
+fn ladder_section(cost: &Value, before: &Value) -> String {
+    let range = |r: &Value| {
+        format!(
+            "**{}** ({}–{})",
+            num(&r["median"], 2),
+            num(&r["min"], 2),
+            num(&r["max"], 2)
+        )
+    };
+    let mut md = String::from(
+        "\nThe cost ladder: Envoy CPU per call, each ratio computed inside a round (numerator and \
+         denominator measured back to back), median over the rounds and the range beside it. \
+         The `+` rungs are the empty filter making exactly that one host call.\n\n\
+         | ratio | median (min–max) | goal |\n|---|---|---|\n",
+    );
+    for rung in cost["ladder"].as_array().into_iter().flatten() {
+        md += &format!(
+            "| {} | {} | {} |\n",
+            rung["name"].as_str().unwrap_or("?"),
+            range(&rung["cpu"]),
+            rung["goal"].as_str().unwrap_or("")
+        );
+    }
+    md += &format!(
+        "| throughput: etcd-mesh / ROUND_ROBIN (calls/s) | {} | ≥ 0.80 |\n\n",
+        range(&cost["throughput_d_over_b"])
+    );
+    md += &format!(
+        "Before (the last committed run, medians of separately taken variants): \
+         etcd-mesh / ROUND_ROBIN {}, etcd-mesh / empty filter {}; now {} and {}.\n\n",
+        num(&before["ratios"]["d_over_b"], 2),
+        num(&before["ratios"]["d_over_c"], 2),
+        num(&cost["ratios"]["d_over_b"], 2),
+        num(&cost["ratios"]["d_over_c"], 2),
     );
     md
 }

@@ -13,9 +13,39 @@ pub enum PluginConfig {
     Poller(PollerConfig),
     /// The HTTP filter that routes each call.
     Router(RouterConfig),
-    /// An HTTP filter that does nothing: the floor any wasm filter costs,
-    /// for benchmarks.
-    Noop,
+    /// An HTTP filter that makes at most one named host call and nothing
+    /// else: the rungs of the benchmarks' cost ladder.
+    Noop(NoopConfig),
+}
+
+/// The `noop` role: which one host call it makes per request, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NoopConfig {
+    #[serde(default)]
+    pub call: NoopCall,
+    /// The upstream of the override calls (`filter_state`,
+    /// `header_override`).
+    #[serde(default)]
+    pub addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NoopCall {
+    /// No host call: the floor any wasm filter costs.
+    #[default]
+    None,
+    /// The 16-byte version read from shared data.
+    VersionRead,
+    /// The `:path` read.
+    PathRead,
+    /// The filter-state override to `addr` (for an ORIGINAL_DST cluster).
+    FilterState,
+    /// The `x-envoy-original-dst-host` header set to `addr`.
+    HeaderOverride,
+    /// The `grpc-status` read from the response trailers.
+    GrpcStatusRead,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -246,7 +276,17 @@ impl PluginConfig {
                     }
                 }
             }
-            PluginConfig::Noop => {}
+            PluginConfig::Noop(noop) => {
+                let needs_addr =
+                    matches!(noop.call, NoopCall::FilterState | NoopCall::HeaderOverride);
+                match (&noop.addr, needs_addr) {
+                    (Some(addr), true) => {
+                        etcd_mesh_wire::parse_addr(addr).map_err(|e| format!("`addr`: {e}"))?;
+                    }
+                    (None, true) => return Err("`call` needs `addr`".into()),
+                    _ => {}
+                }
+            }
         }
         Ok(())
     }
@@ -277,7 +317,14 @@ mod tests {
         );
         assert_eq!(
             PluginConfig::parse(br#"{"role":"noop"}"#),
-            Ok(PluginConfig::Noop)
+            Ok(PluginConfig::Noop(NoopConfig::default()))
+        );
+        assert_eq!(
+            PluginConfig::parse(br#"{"role":"noop","call":"filter_state","addr":"127.0.0.1:1"}"#),
+            Ok(PluginConfig::Noop(NoopConfig {
+                call: NoopCall::FilterState,
+                addr: Some("127.0.0.1:1".into())
+            }))
         );
     }
 
@@ -326,6 +373,9 @@ mod tests {
             (br#"{"role":"poller","cluster":"s","bearer_token":"a b"}"#, "bearer_token"),
             (br#"{"role":"poller","cluster":"s","services":[]}"#, "services"),
             (br#"{"role":"router","refresh_ms":0}"#, "refresh_ms"),
+            (br#"{"role":"noop","call":"filter_state"}"#, "needs `addr`"),
+            (br#"{"role":"noop","call":"header_override","addr":"x"}"#, "addr"),
+            (br#"{"role":"noop","call":"dance"}"#, "unknown variant"),
             (br#"{"role":"poller","cluster":"s","services":["a,b"]}"#, "comma"),
             (br#"{"role":"pollster"}"#, "pollster"),
             (br#"{"cluster":"s"}"#, "role"),

@@ -11,7 +11,8 @@
 //! everything else happens only when something changed.
 
 use crate::config::{
-    HostOverride, OutlierConfig, PluginConfig, PollerConfig, RouterConfig, ServiceFrom,
+    HostOverride, NoopCall as NoopCallKind, NoopConfig, OutlierConfig, PluginConfig, PollerConfig,
+    RouterConfig, ServiceFrom,
 };
 use crate::feed::{index_names, service_key, ChangeLog, PollerTables, CHANGES_KEY, INDEX_KEY};
 use crate::filter_state::{original_dst_arguments, support_probes, SET_FILTER_STATE};
@@ -168,7 +169,7 @@ struct MeshRoot {
 enum Role {
     Poller(Box<Poller>),
     Router(Router),
-    Noop,
+    Noop(Rc<NoopCall>),
 }
 
 impl Context for MeshRoot {
@@ -203,7 +204,9 @@ impl RootContext for MeshRoot {
                 let tick = Duration::from_millis(u64::from(config.refresh_ms));
                 (Role::Router(Router::new(config)), tick)
             }
-            PluginConfig::Noop => (Role::Noop, Duration::ZERO),
+            PluginConfig::Noop(config) => {
+                (Role::Noop(Rc::new(NoopCall::new(config))), Duration::ZERO)
+            }
         };
         self.role = Some(role);
         if tick > Duration::ZERO && hostcalls::set_tick_period(tick).is_err() {
@@ -217,14 +220,14 @@ impl RootContext for MeshRoot {
         match &mut self.role {
             Some(Role::Poller(poller)) => poller.on_tick(),
             Some(Role::Router(router)) => router.on_tick(),
-            Some(Role::Noop) | None => {}
+            Some(Role::Noop(_)) | None => {}
         }
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
         match &self.role {
             Some(Role::Router(router)) => Some(Box::new(router.call())),
-            Some(Role::Noop) => Some(Box::new(NoopCall)),
+            Some(Role::Noop(noop)) => Some(Box::new(NoopContext(Rc::clone(noop)))),
             // The poller is not a filter: a filter chain that loads it by
             // mistake gets no context.
             _ => None,
@@ -660,10 +663,58 @@ impl WorkerState {
 }
 
 /// The benchmark floor: a filter that lets every call pass untouched.
-struct NoopCall;
+/// The benchmark ladder: a filter that makes at most one named host call
+/// per request and lets it pass.
+struct NoopCall {
+    call: NoopCallKind,
+    addr: String,
+    /// The filter-state arguments, encoded once.
+    arguments: Vec<u8>,
+}
 
-impl Context for NoopCall {}
-impl HttpContext for NoopCall {}
+impl NoopCall {
+    fn new(config: NoopConfig) -> NoopCall {
+        let addr = config.addr.unwrap_or_default();
+        NoopCall {
+            call: config.call,
+            arguments: original_dst_arguments(&addr),
+            addr,
+        }
+    }
+}
+
+struct NoopContext(Rc<NoopCall>);
+
+impl Context for NoopContext {}
+
+impl HttpContext for NoopContext {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let noop = &self.0;
+        let _ = match noop.call {
+            NoopCallKind::VersionRead => hostcalls::get_shared_data(VERSION_KEY).map(drop),
+            NoopCallKind::PathRead => {
+                hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path").map(drop)
+            }
+            NoopCallKind::FilterState => {
+                hostcalls::call_foreign_function(SET_FILTER_STATE, Some(&noop.arguments)).map(drop)
+            }
+            NoopCallKind::HeaderOverride => hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                ORIGINAL_DST_HEADER,
+                Some(&noop.addr),
+            ),
+            NoopCallKind::None | NoopCallKind::GrpcStatusRead => Ok(()),
+        };
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _: usize) -> Action {
+        if self.0.call == NoopCallKind::GrpcStatusRead {
+            let _ = hostcalls::get_map_value(MapType::HttpResponseTrailers, "grpc-status");
+        }
+        Action::Continue
+    }
+}
 
 /// The HTTP context of one call.
 struct RouteCall {
