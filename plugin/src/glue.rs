@@ -736,9 +736,11 @@ impl HttpContext for RouteCall {
             Ok(service) => service,
             Err(message) => return reply(GrpcStatusCode::Unimplemented, message),
         };
-        let addr = match shared.tables.borrow_mut().pick(&service) {
+        let mut tables = shared.tables.borrow_mut();
+        let addr = match tables.pick(&service) {
             Pick::Endpoint(addr) => addr.to_owned(),
             Pick::NoEndpoint => {
+                drop(tables);
                 bump(&shared.no_endpoint);
                 return reply(
                     grpc_status(shared.config.no_endpoint_status),
@@ -747,11 +749,10 @@ impl HttpContext for RouteCall {
             }
         };
         let set = match shared.config.host_override {
-            HostOverride::FilterState => hostcalls::call_foreign_function(
-                SET_FILTER_STATE,
-                Some(&original_dst_arguments(&addr)),
-            )
-            .map(drop),
+            HostOverride::FilterState => {
+                hostcalls::call_foreign_function(SET_FILTER_STATE, tables.override_arguments(&addr))
+                    .map(drop)
+            }
             // Overwrites whatever the client sent.
             HostOverride::Header => hostcalls::set_map_value(
                 MapType::HttpRequestHeaders,
@@ -759,6 +760,7 @@ impl HttpContext for RouteCall {
                 Some(&addr),
             ),
         };
+        drop(tables);
         if let Err(status) = set {
             log(
                 LogLevel::Error,

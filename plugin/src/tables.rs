@@ -5,6 +5,7 @@
 //! service, whatever the size of the tables. Between changes a call costs
 //! one hash lookup and one pick.
 
+use crate::filter_state::original_dst_arguments;
 use crate::rng::SplitMix64;
 use crate::wrr::SmoothPicker;
 use etcd_mesh_wire::{Digest, Service};
@@ -20,6 +21,9 @@ pub struct WorkerTables {
     /// Ejected endpoints by service and address, and when (host clock,
     /// ms) each comes back.
     ejected: HashMap<String, HashMap<String, u64>>,
+    /// The filter-state override of each address, encoded once when the
+    /// address arrives rather than on every call.
+    overrides: HashMap<String, Box<[u8]>>,
 }
 
 /// What `pick` found.
@@ -38,6 +42,7 @@ impl WorkerTables {
             digest: Digest::default(),
             rng: SplitMix64::new(seed),
             ejected: HashMap::new(),
+            overrides: HashMap::new(),
         }
     }
 
@@ -77,6 +82,12 @@ impl WorkerTables {
         let service: Service = serde_json::from_slice(value)
             .map_err(|e| format!("service {name:?} does not decode: {e}"))?;
         service.validate(name)?;
+        for endpoint in &service.endpoints {
+            if !self.overrides.contains_key(&endpoint.addr) {
+                let arguments = original_dst_arguments(&endpoint.addr).into_boxed_slice();
+                self.overrides.insert(endpoint.addr.clone(), arguments);
+            }
+        }
         let hash = Digest::of_encoded(name, value);
         let endpoints = service
             .endpoints
@@ -106,6 +117,9 @@ impl WorkerTables {
     ) -> Vec<String> {
         let mut old = std::mem::take(&mut self.services);
         self.digest = Digest::default();
+        // Addresses no longer listed go with a reload (a delta keeps them:
+        // another service may list the same address).
+        self.overrides.clear();
         let mut errors = Vec::new();
         for (name, value) in values {
             if let Some(kept) = old.remove(name) {
@@ -159,6 +173,12 @@ impl WorkerTables {
             .map_or((0, 0), |(p, _)| (p.len(), p.ejected()))
     }
 
+    /// The encoded filter-state override for `addr`, made when its
+    /// service's table arrived.
+    pub fn override_arguments(&self, addr: &str) -> Option<&[u8]> {
+        self.overrides.get(addr).map(|a| &**a)
+    }
+
     pub fn pick(&mut self, service: &str) -> Pick<'_> {
         match self.services.get_mut(service).and_then(|(p, _)| p.pick()) {
             Some(addr) => Pick::Endpoint(addr),
@@ -191,6 +211,10 @@ mod tests {
             .apply_service("demo.Echo", &value(&[("nohost", 1)]))
             .is_err());
         assert_eq!(tables.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:1"));
+        assert_eq!(
+            tables.override_arguments("127.0.0.1:1"),
+            Some(&original_dst_arguments("127.0.0.1:1")[..])
+        );
         assert_eq!(tables.pick("other"), Pick::NoEndpoint);
         tables
             .apply_service("demo.Echo", &value(&[("127.0.0.1:1", 0)]))
