@@ -4,62 +4,34 @@
 //! revision, even with two prefixes, racing writers and reconnections.
 
 use etcd_client::{Client, GetOptions};
-use etcd_mesh_demo::stack::{http_get, prometheus_value, wait_for, Etcd};
+mod common;
+
+use common::{Server, DEADLINE};
+use etcd_mesh_demo::stack::{http_get, wait_for, Etcd};
 use etcd_mesh_wire::{Changes, Digest, Service};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use sync_server::etcd::EtcdOptions;
 use sync_server::publish::HistoryLimits;
 use sync_server::Config;
-use tokio_util::sync::CancellationToken;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// sync-server in this test's runtime, stopped when dropped.
-struct Server {
-    addr: SocketAddr,
-    stop: CancellationToken,
-}
-
-impl Server {
-    async fn start(config: Config) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        tokio::spawn(sync_server::run(config, listener, stop.clone()));
-        wait_for("/readyz", DEADLINE, || async move {
-            matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
-        })
+/// One change-feed request: (status, answer if 200, body length).
+async fn changes(server: &Server, query: &str) -> (u16, Option<Changes>, usize) {
+    let (status, body) = http_get(server.addr, &format!("/v1/changes{query}"))
         .await
-        .expect("sync-server becomes ready");
-        Server { addr, stop }
-    }
-
-    /// One change-feed request: (status, answer if 200, body length).
-    async fn changes(&self, query: &str) -> (u16, Option<Changes>, usize) {
-        let (status, body) = http_get(self.addr, &format!("/v1/changes{query}"))
-            .await
-            .expect("GET /v1/changes");
-        let changes =
-            (status == 200).then(|| Changes::decode(body.as_bytes()).expect("a valid answer"));
-        (status, changes, body.len())
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let (_, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
-        prometheus_value(&body, name).unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
-    }
+        .expect("GET /v1/changes");
+    let changes =
+        (status == 200).then(|| Changes::decode(body.as_bytes()).expect("a valid answer"));
+    (status, changes, body.len())
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+/// Starts sync-server and waits until it is ready.
+async fn ready_server(config: Config) -> Server {
+    let server = Server::start(config).await;
+    server.ready().await;
+    server
 }
 
 fn config(etcd: &Etcd, watches: &[&str], history: usize) -> Config {
@@ -135,9 +107,9 @@ async fn deltas_carry_what_changed_and_old_revisions_get_everything() {
             .await
             .expect("put");
     }
-    let server = Server::start(config(&etcd, &["etcd-naming=svc/"], 3)).await;
+    let server = ready_server(config(&etcd, &["etcd-naming=svc/"], 3)).await;
 
-    let (status, first, full_bytes) = server.changes("").await;
+    let (status, first, full_bytes) = changes(&server, "").await;
     assert_eq!(status, 200);
     let mut follower = Follower::default();
     let first = first.expect("answer");
@@ -152,7 +124,7 @@ async fn deltas_carry_what_changed_and_old_revisions_get_everything() {
     let start = follower.clone();
 
     // Nothing newer: 304 at once without wait.
-    assert_eq!(server.changes(&follower.query(0)).await.0, 304);
+    assert_eq!(changes(&server, &follower.query(0)).await.0, 304);
 
     // One weight change: a long-poll held from before it carries s7 alone.
     let poll = {
@@ -182,7 +154,7 @@ async fn deltas_carry_what_changed_and_old_revisions_get_everything() {
 
     // A deleted service travels as removed.
     c.delete("svc/s9/a", None).await.expect("delete");
-    let (_, delta, _) = server.changes(&follower.query(30)).await;
+    let (_, delta, _) = changes(&server, &follower.query(30)).await;
     let delta = delta.expect("answer");
     assert_eq!(
         (delta.removed.as_slice(), delta.services.len()),
@@ -215,30 +187,32 @@ async fn deltas_carry_what_changed_and_old_revisions_get_everything() {
     })
     .await
     .expect("caught up");
-    let (_, behind, _) = server.changes(&start.query(0)).await;
+    let (_, behind, _) = changes(&server, &start.query(0)).await;
     let behind = behind.expect("answer");
     assert!(behind.full, "older than the history: full");
     let mut from_start = start.clone();
     from_start.apply(behind);
-    let (_, recent, _) = server.changes(&follower.query(0)).await;
+    let (_, recent, _) = changes(&server, &follower.query(0)).await;
     follower.apply(recent.expect("answer"));
     assert_eq!(follower, from_start, "a delta and a full answer agree");
     assert!(server.metric("sync_server_changes_full_total").await >= 2);
     assert!(server.metric("sync_server_changes_delta_total").await >= 3);
 
     // Another epoch (another etcd cluster or prefixes): everything.
-    let (_, foreign, _) = server
-        .changes(&format!("?since={}&epoch=0-0", follower.revision - 1))
-        .await;
+    let (_, foreign, _) = changes(
+        &server,
+        &format!("?since={}&epoch=0-0", follower.revision - 1),
+    )
+    .await;
     assert!(foreign.expect("answer").full);
 
     // A restarted sync-server keeps no history from before: a client
     // behind its first listing gets everything, one at it gets nothing.
     drop(server);
-    let restarted = Server::start(config(&etcd, &["etcd-naming=svc/"], 3)).await;
-    let (_, after_restart, _) = restarted.changes(&start.query(0)).await;
+    let restarted = ready_server(config(&etcd, &["etcd-naming=svc/"], 3)).await;
+    let (_, after_restart, _) = changes(&restarted, &start.query(0)).await;
     assert!(after_restart.expect("answer").full);
-    assert_eq!(restarted.changes(&follower.query(0)).await.0, 304);
+    assert_eq!(changes(&restarted, &follower.query(0)).await.0, 304);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +220,7 @@ async fn content_never_changes_under_a_revision_with_two_prefixes_and_reconnecti
     let dir = tempfile::tempdir().expect("temp dir");
     let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
     let endpoint = etcd.endpoint();
-    let server = Server::start(config(&etcd, &["etcd-naming=a/", "etcd-naming=b/"], 10_000)).await;
+    let server = ready_server(config(&etcd, &["etcd-naming=a/", "etcd-naming=b/"], 10_000)).await;
 
     // Two writers, one per prefix, racing each other through the etcd
     // restarts below; each write retries until etcd takes it.
@@ -290,7 +264,7 @@ async fn content_never_changes_under_a_revision_with_two_prefixes_and_reconnecti
     let mut restarts = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline && (restarts < 2 || seen.len() < 40) {
-        let (status, answer, _) = server.changes(&follower.query(1)).await;
+        let (status, answer, _) = changes(&server, &follower.query(1)).await;
         if let Some(answer) = answer {
             follower.apply(answer);
             let view = follower.view();

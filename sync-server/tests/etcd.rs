@@ -1,9 +1,12 @@
 //! sync-server against a real etcd: a correct view through races,
 //! compactions and outages, and the whole v1 HTTP contract.
 
+mod common;
+
+use common::{Server, DEADLINE};
 use etcd_client::{Client, CompactionOptions};
 use etcd_mesh_demo::stack::{
-    free_port, http_get, http_get_with, prometheus_value, wait_for, Etcd, EtcdTlsFiles, Proc,
+    free_port, http_get, http_get_with, wait_for, Etcd, EtcdTlsFiles, Proc,
 };
 use etcd_mesh_wire::Snapshot;
 use std::collections::BTreeSet;
@@ -13,82 +16,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use sync_server::etcd::EtcdOptions;
 use sync_server::Config;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// sync-server running in this test's runtime.
-struct Server {
-    addr: SocketAddr,
-    stop: CancellationToken,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Server {
-    async fn start(config: Config) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(sync_server::run(config, listener, stop.clone()));
-        Server {
-            addr,
-            stop,
-            task: Some(task),
-        }
-    }
-
-    async fn ready(&self) {
-        let addr = self.addr;
-        wait_for("/readyz", DEADLINE, || async move {
-            matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
-        })
-        .await
-        .expect("sync-server becomes ready");
-    }
-
-    async fn snapshot(&self) -> Snapshot {
-        let (status, body) = http_get(self.addr, "/v1/snapshot").await.expect("GET");
-        assert_eq!(status, 200, "{body}");
-        Snapshot::decode(body.as_bytes()).expect("valid snapshot")
-    }
-
-    /// Waits until the snapshot satisfies `test`.
-    async fn until(&self, what: &str, test: impl Fn(&Snapshot) -> bool) -> Snapshot {
-        wait_for(what, DEADLINE, || async {
-            let (status, body) = http_get(self.addr, "/v1/snapshot").await.ok()?;
-            let snapshot = Snapshot::decode(body.as_bytes())
-                .ok()
-                .filter(|_| status == 200)?;
-            test(&snapshot).then_some(snapshot)
-        })
-        .await
-        .expect(what)
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let (_, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
-        prometheus_value(&body, name).unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
-    }
-
-    async fn shutdown(mut self) {
-        self.stop.cancel();
-        let task = self.task.take().expect("running");
-        let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
-        assert!(
-            matches!(ended, Ok(Ok(Ok(())))),
-            "run() ends cleanly: {ended:?}"
-        );
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 fn config(etcd: &Etcd, watches: &[&str]) -> Config {
     Config::new(

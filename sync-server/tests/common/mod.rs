@@ -1,0 +1,87 @@
+//! The in-process sync-server the integration tests share: started on a
+//! free loopback port in the test's runtime, stopped when dropped.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use etcd_mesh_demo::stack::{http_get, prometheus_value, wait_for};
+use etcd_mesh_wire::Snapshot;
+use std::net::SocketAddr;
+use std::time::Duration;
+use sync_server::Config;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any start-up or change may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// sync-server running in this test's runtime.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    pub async fn start(config: Config) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(sync_server::run(config, listener, stop.clone()));
+        Server {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub async fn ready(&self) {
+        let addr = self.addr;
+        wait_for("/readyz", DEADLINE, || async move {
+            matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
+        })
+        .await
+        .expect("sync-server becomes ready");
+    }
+
+    pub async fn snapshot(&self) -> Snapshot {
+        let (status, body) = http_get(self.addr, "/v1/snapshot").await.expect("GET");
+        assert_eq!(status, 200, "{body}");
+        Snapshot::decode(body.as_bytes()).expect("valid snapshot")
+    }
+
+    /// Waits until the snapshot satisfies `test`.
+    pub async fn until(&self, what: &str, test: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        wait_for(what, DEADLINE, || async {
+            let (status, body) = http_get(self.addr, "/v1/snapshot").await.ok()?;
+            let snapshot = Snapshot::decode(body.as_bytes())
+                .ok()
+                .filter(|_| status == 200)?;
+            test(&snapshot).then_some(snapshot)
+        })
+        .await
+        .expect(what)
+    }
+
+    pub async fn metric(&self, name: &str) -> u64 {
+        let (_, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
+        prometheus_value(&body, name).unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        let task = self.task.take().expect("running");
+        let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ok(())))),
+            "run() ends cleanly: {ended:?}"
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
