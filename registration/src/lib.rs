@@ -233,9 +233,16 @@ async fn keep_registered(
 ) {
     let key = instance.key();
     let mut retry = FIRST_RETRY;
+    // One member at a time, the next after each failure: a client over all
+    // members keeps sending to a dead one (seen with a member killed).
+    let mut turn = 0usize;
     loop {
         instance.weight = *weight.borrow_and_update();
-        let outcome = hold_lease(&endpoints, &mut instance, &state, &mut weight, &stop).await;
+        let member = endpoints
+            .get(turn % endpoints.len().max(1))
+            .map(std::slice::from_ref)
+            .unwrap_or_default();
+        let outcome = hold_lease(member, &mut instance, &state, &mut weight, &stop).await;
         match outcome {
             Ok((mut client, lease)) => {
                 // Stopping: remove the key now rather than after the TTL.
@@ -253,7 +260,8 @@ async fn keep_registered(
                 if matches!(*state.borrow(), State::Registered { .. }) {
                     retry = FIRST_RETRY;
                 }
-                warn!(%key, %reason, "registration lost; retrying");
+                warn!(%key, %reason, "registration lost; retrying with the next member");
+                turn = turn.wrapping_add(1);
                 state.send_replace(State::Retrying { reason });
             }
         }

@@ -3,7 +3,7 @@
 //! the admin commands.
 
 use etcd_client::Client;
-use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, Proc};
+use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, EtcdCluster, Proc};
 use etcd_mesh_registration::{admin, Instance, Registration, State};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -211,4 +211,50 @@ async fn set_weight_and_drain_keep_the_lease_and_refuse_garbage() {
         .await
         .expect("drain");
     assert_eq!(lease_of(&etcd, &key).await, None);
+}
+
+/// The key's lease as `member` sees it, if the key is there.
+async fn lease_at(member: &str, key: &str) -> Option<i64> {
+    let mut c = Client::connect([member], None).await.ok()?;
+    let response = c.get(key, None).await.ok()?;
+    response.kvs().first().map(|kv| kv.lease())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_member_is_passed_over_for_the_next() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = EtcdCluster::start(dir.path(), 3)
+        .await
+        .expect("a 3-member cluster");
+    let endpoints = cluster.endpoints();
+    let instance = instance(7004);
+    let key = instance.key();
+    let registration = Registration::start(endpoints.clone(), instance).expect("valid");
+    let first = registration.registered(DEADLINE).await.expect("registered");
+    // The first member is the one it talks to first.
+    cluster.members[0].kill();
+    let mut states = registration.watch_state();
+    let second = wait_for("a registration through another member", DEADLINE, || {
+        let state = states.borrow_and_update().clone();
+        async move {
+            match state {
+                State::Registered { lease } if lease != first => Some(lease),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .expect("registered again");
+    // Kept alive through the others for longer than the TTL.
+    let until = Instant::now() + TTL * 3;
+    while Instant::now() < until {
+        assert_eq!(
+            lease_at(&endpoints[1], &key).await,
+            Some(second),
+            "the key lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    registration.deregister().await;
+    assert_eq!(lease_at(&endpoints[2], &key).await, None);
 }
