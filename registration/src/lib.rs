@@ -3,9 +3,11 @@
 //! A registration is a key under a lease: granted, put, and kept alive.
 //! When the lease is lost (etcd away longer than its TTL, the keepalive
 //! stream closed, "requested lease not found"), a new lease is granted and
-//! the key put again, with a growing pause, until it is back. Deregistering
-//! deletes the key and revokes the lease at once, so callers stop being
-//! routed to the instance without waiting for the TTL.
+//! the key put again, with a growing, jittered pause, until it is back. It
+//! talks to one etcd member at a time and moves to the next after a
+//! failure. [`EtcdOptions`] says how to reach etcd (TLS, user, timeouts).
+//! Deregistering deletes the key and revokes the lease at once, so callers
+//! stop being routed to the instance without waiting for the TTL.
 //!
 //! The key and value follow etcd's gRPC naming (`<prefix><service>/<addr>`,
 //! `{"Op":0,"Addr":..,"Metadata":{"weight":..}}`) or the older openim-v2
@@ -15,7 +17,9 @@
 
 pub mod admin;
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+pub use etcd_mesh_etcd_options::{Backoff, ConnectError, EtcdOptions, EtcdTls};
+
+use etcd_client::{Client, PutOptions};
 use etcd_mesh_wire::{parse_addr, MAX_WEIGHT};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -56,6 +60,8 @@ pub enum InstanceError {
     Weight(u32),
     #[error("ttl must be at least 2 s")]
     Ttl,
+    #[error("no etcd endpoints")]
+    NoEndpoints,
 }
 
 impl Instance {
@@ -137,22 +143,34 @@ pub struct Registration {
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Registration {
-    /// Starts keeping `instance` registered in the etcd at `endpoints`.
+    /// Starts keeping `instance` registered in the etcd at `endpoints`
+    /// (plain HTTP, no user, the default timeouts). Needs a tokio runtime.
     pub fn start(
         endpoints: Vec<String>,
         instance: Instance,
     ) -> Result<Registration, InstanceError> {
+        Self::start_with(EtcdOptions::new(endpoints), instance)
+    }
+
+    /// Starts keeping `instance` registered in the etcd `options` reach
+    /// (TLS, user and timeouts included). Needs a tokio runtime.
+    pub fn start_with(
+        options: EtcdOptions,
+        instance: Instance,
+    ) -> Result<Registration, InstanceError> {
         instance.validate()?;
+        if options.endpoints.is_empty() {
+            return Err(InstanceError::NoEndpoints);
+        }
         let (state_tx, state) = watch::channel(State::Retrying {
             reason: "starting".into(),
         });
         let (weight, weight_rx) = watch::channel(instance.weight);
         let stop = CancellationToken::new();
         let task = tokio::spawn(keep_registered(
-            endpoints,
+            options,
             instance,
             state_tx,
             weight_rx,
@@ -207,42 +225,21 @@ impl Registration {
     }
 }
 
-async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let urls: Vec<String> = endpoints
-        .iter()
-        .map(|e| {
-            if e.contains("://") {
-                e.clone()
-            } else {
-                format!("http://{e}")
-            }
-        })
-        .collect();
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-    Client::connect(urls, Some(options)).await
-}
-
 async fn keep_registered(
-    endpoints: Vec<String>,
+    options: EtcdOptions,
     mut instance: Instance,
     state: watch::Sender<State>,
     mut weight: watch::Receiver<u32>,
     stop: CancellationToken,
 ) {
     let key = instance.key();
-    let mut retry = FIRST_RETRY;
+    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     // One member at a time, the next after each failure: a client over all
     // members keeps sending to a dead one (seen with a member killed).
     let mut turn = 0usize;
     loop {
         instance.weight = *weight.borrow_and_update();
-        let member = endpoints
-            .get(turn % endpoints.len().max(1))
-            .map(std::slice::from_ref)
-            .unwrap_or_default();
-        let outcome = hold_lease(member, &mut instance, &state, &mut weight, &stop).await;
+        let outcome = hold_lease(&options, turn, &mut instance, &state, &mut weight, &stop).await;
         match outcome {
             Ok((mut client, lease)) => {
                 // Stopping: remove the key now rather than after the TTL.
@@ -250,7 +247,7 @@ async fn keep_registered(
                     client.delete(key.as_str(), None).await?;
                     client.lease_revoke(lease).await
                 };
-                match tokio::time::timeout(REQUEST_TIMEOUT, cleanup).await {
+                match tokio::time::timeout(options.request_timeout, cleanup).await {
                     Ok(Ok(_)) => info!(%key, "deregistered"),
                     _ => warn!(%key, "could not deregister; the key expires with its lease"),
                 }
@@ -258,7 +255,7 @@ async fn keep_registered(
             }
             Err(reason) => {
                 if matches!(*state.borrow(), State::Registered { .. }) {
-                    retry = FIRST_RETRY;
+                    backoff.reset();
                 }
                 warn!(%key, %reason, "registration lost; retrying with the next member");
                 turn = turn.wrapping_add(1);
@@ -267,43 +264,55 @@ async fn keep_registered(
         }
         tokio::select! {
             _ = stop.cancelled() => {
-                // Stopped while etcd is away: a best-effort delete, bounded.
-                let delete = async { connect(&endpoints).await?.delete(key.as_str(), None).await };
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, delete).await;
+                // Stopped while etcd is away: a best-effort delete through
+                // the members in turn, bounded.
+                let delete = async {
+                    for i in 0..options.endpoints.len() {
+                        if let Ok(mut client) = options.connect_member(turn.wrapping_add(i)).await {
+                            if client.delete(key.as_str(), None).await.is_ok() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(options.request_timeout, delete).await;
                 return;
             }
-            _ = tokio::time::sleep(retry) => {}
+            _ = tokio::time::sleep(backoff.next()) => {}
         }
-        retry = (retry * 2).min(MAX_RETRY);
     }
 }
 
 /// Grants a lease, puts the key, and keeps the lease alive until `stop`
 /// (returning the client and lease for cleanup) or until it is lost.
 async fn hold_lease(
-    endpoints: &[String],
+    options: &EtcdOptions,
+    turn: usize,
     instance: &mut Instance,
     state: &watch::Sender<State>,
     weight: &mut watch::Receiver<u32>,
     stop: &CancellationToken,
 ) -> Result<(Client, i64), String> {
     let ttl_secs = i64::try_from(instance.ttl.as_secs()).unwrap_or(i64::MAX);
+    let mut client = options
+        .connect_member(turn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let timeout = options.request_timeout;
     let setup = async {
-        let mut client = connect(endpoints).await?;
         let lease = client.lease_grant(ttl_secs, None).await?.id();
         let put = PutOptions::new().with_lease(lease);
         client
             .put(instance.key(), instance.value(), Some(put))
             .await?;
         let keepalive = client.lease_keep_alive(lease).await?;
-        Ok::<_, etcd_client::Error>((client, lease, keepalive))
+        Ok::<_, etcd_client::Error>((lease, keepalive))
     };
-    let (mut client, lease, (mut keeper, mut responses)) =
-        match tokio::time::timeout(REQUEST_TIMEOUT, setup).await {
-            Ok(Ok(parts)) => parts,
-            Ok(Err(e)) => return Err(format!("etcd: {e}")),
-            Err(_) => return Err(format!("etcd did not answer within {REQUEST_TIMEOUT:?}")),
-        };
+    let (lease, (mut keeper, mut responses)) = match tokio::time::timeout(timeout, setup).await {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(e)) => return Err(format!("etcd: {e}")),
+        Err(_) => return Err(format!("etcd did not answer within {timeout:?}")),
+    };
     info!(key = %instance.key(), lease, "registered");
     state.send_replace(State::Registered { lease });
 
@@ -324,14 +333,14 @@ async fn hold_lease(
                 instance.weight = *weight.borrow_and_update();
                 let put = PutOptions::new().with_lease(lease);
                 let written = tokio::time::timeout(
-                    REQUEST_TIMEOUT,
+                    timeout,
                     client.put(instance.key(), instance.value(), Some(put)),
                 )
                 .await;
                 match written {
                     Ok(Ok(_)) => info!(key = %instance.key(), weight = instance.weight, "weight changed"),
                     Ok(Err(e)) => return Err(format!("etcd: {e}")),
-                    Err(_) => return Err(format!("etcd did not answer within {REQUEST_TIMEOUT:?}")),
+                    Err(_) => return Err(format!("etcd did not answer within {timeout:?}")),
                 }
             }
             _ = renew.tick() => {

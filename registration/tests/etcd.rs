@@ -1,10 +1,11 @@
 //! Registration against a real etcd: keepalive over several TTLs, coming
-//! back after an outage longer than the TTL, clean and unclean exits, and
-//! the admin commands.
+//! back after an outage longer than the TTL, clean and unclean exits, the
+//! admin commands, TLS and user authentication, and a member that does not
+//! answer.
 
 use etcd_client::Client;
-use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, EtcdCluster, Proc};
-use etcd_mesh_registration::{admin, Instance, Registration, State};
+use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, EtcdCluster, EtcdTlsFiles, Proc};
+use etcd_mesh_registration::{admin, EtcdOptions, EtcdTls, Instance, Registration, State};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -257,4 +258,234 @@ async fn a_killed_member_is_passed_over_for_the_next() {
     }
     registration.deregister().await;
     assert_eq!(lease_at(&endpoints[2], &key).await, None);
+}
+
+/// Runs the CLI to its end, failing the test if it has not ended within
+/// the deadline.
+async fn cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_etcd-mesh-register"));
+    command.args(args).env_remove("ETCD_MESH_ETCD_PASSWORD");
+    command.envs(env.iter().copied()).kill_on_drop(true);
+    tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .expect("the CLI ends on its own")
+        .expect("the CLI runs")
+}
+
+/// A CA, and server and client certificates for 127.0.0.1 signed by it
+/// (as sync-server's tests make them).
+fn make_certificates(dir: &std::path::Path) -> EtcdTlsFiles {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            status.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("san.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("write");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=etcd-mesh test CA",
+    ]);
+    for name in ["server", "client"] {
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let subject = format!("/CN={name}");
+        run(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+            &subject,
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "1",
+            "-extfile",
+            "san.cnf",
+        ]);
+    }
+    EtcdTlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_and_the_cli_reach_etcd_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = make_certificates(dir.path());
+    let etcd = Etcd::start_tls(dir.path(), files.clone())
+        .await
+        .expect("etcd with TLS");
+    let (client_cert, client_key) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+    let mut options = EtcdOptions::new(vec![etcd.endpoint()]);
+    options.tls = Some(
+        EtcdTls::from_files(&files.ca, Some((&client_cert, &client_key)), None).expect("PEM files"),
+    );
+    let instance = instance(7010);
+    let key = instance.key();
+    let registration = Registration::start_with(options, instance).expect("valid");
+    registration
+        .registered(DEADLINE)
+        .await
+        .expect("registered over TLS");
+
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (ca, cert, client_key) = (path(&files.ca), path(&client_cert), path(&client_key));
+    let tls = [
+        "--etcd-ca",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &client_key,
+    ];
+    let endpoint = etcd.endpoint();
+    let listed = cli(
+        &[
+            &["--etcd", &endpoint],
+            &tls[..],
+            &["list", "--prefix", "reg/"],
+        ]
+        .concat(),
+        &[],
+    )
+    .await;
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && listing.contains(&key) && listing.contains("weight=3"),
+        "{listing}{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    // Without the client certificate etcd refuses, and the CLI says so.
+    let refused = cli(
+        &[
+            "--etcd",
+            &endpoint,
+            "--etcd-ca",
+            &ca,
+            "list",
+            "--prefix",
+            "reg/",
+        ],
+        &[],
+    )
+    .await;
+    assert!(!refused.status.success());
+    registration.deregister().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_and_the_cli_log_in_as_an_etcd_user() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    for args in [&["user", "add", "root:rootpw"][..], &["auth", "enable"]] {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &etcd.endpoint()])
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    }
+    let mut options = EtcdOptions::new(vec![etcd.endpoint()]);
+    options.user = Some(("root".into(), "rootpw".into()));
+    let instance = instance(7011);
+    let key = instance.key();
+    let registration = Registration::start_with(options.clone(), instance).expect("valid");
+    registration
+        .registered(DEADLINE)
+        .await
+        .expect("registered as root");
+
+    let endpoint = etcd.endpoint();
+    let set_weight = [
+        "--etcd",
+        &endpoint,
+        "--etcd-user",
+        "root",
+        "set-weight",
+        "--prefix",
+        "reg/",
+        "--service",
+        "demo.Echo",
+        "--addr",
+        "127.0.0.1:7011",
+        "--weight",
+        "8",
+    ];
+    let done = cli(&set_weight, &[("ETCD_MESH_ETCD_PASSWORD", "rootpw")]).await;
+    assert!(done.status.success(), "{done:?}");
+    let mut c = options.connect().await.expect("connect as root");
+    let listed = admin::list(&mut c, "reg/").await.expect("list");
+    assert_eq!(
+        listed.iter().find(|l| l.key == key).and_then(|l| l.weight),
+        Some(8)
+    );
+    // A wrong password, or none, is refused.
+    let wrong = cli(&set_weight, &[("ETCD_MESH_ETCD_PASSWORD", "nope")]).await;
+    assert!(!wrong.status.success(), "{wrong:?}");
+    let without = cli(&set_weight, &[]).await;
+    assert!(
+        !without.status.success()
+            && String::from_utf8_lossy(&without.stderr).contains("ETCD_MESH_ETCD_PASSWORD"),
+        "{without:?}"
+    );
+    registration.deregister().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_gives_up_on_an_etcd_that_does_not_answer() {
+    // Accepts connections (the kernel's backlog) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = silent.local_addr().expect("addr").to_string();
+    let started = Instant::now();
+    let out = cli(
+        &["--etcd", &endpoint, "--connect-timeout", "1", "list"],
+        &[],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("did not answer within 1s"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
