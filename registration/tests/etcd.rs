@@ -1,12 +1,14 @@
 //! Registration against a real etcd: keepalive over several TTLs, coming
 //! back after an outage longer than the TTL, clean and unclean exits, the
-//! admin commands, TLS and user authentication, and a member that does not
-//! answer.
+//! admin commands and how the owner answers them, TLS and user
+//! authentication, and a member that does not answer.
 
 use etcd_client::Client;
 use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, EtcdCluster, EtcdTlsFiles, Proc};
 use etcd_mesh_registration::{admin, EtcdOptions, EtcdTls, Instance, Registration, State};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -62,14 +64,10 @@ async fn the_key_outlives_several_ttls_and_goes_at_once_on_deregister() {
     assert_eq!(lease_of(&etcd, &key).await, None, "gone at once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_longer_than_the_ttl_is_survived() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
-    let instance = instance(7002);
-    let key = instance.key();
-    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
-    registration.registered(DEADLINE).await.expect("registered");
+/// Kills etcd once the registration is seen lost, keeps it down for
+/// longer than the TTL (the outage itself, not a wait for anything), and
+/// starts it again on the same data; returns when it is back.
+async fn outage_longer_than_the_ttl(etcd: &mut Etcd, registration: &Registration) -> Instant {
     etcd.kill();
     let mut states = registration.watch_state();
     wait_for("the loss to be seen", DEADLINE, || {
@@ -78,14 +76,46 @@ async fn an_outage_longer_than_the_ttl_is_survived() {
     })
     .await
     .expect("retrying while etcd is away");
-    // Away for longer than the TTL.
     tokio::time::sleep(TTL + Duration::from_secs(1)).await;
     let restarted = Instant::now();
     etcd.restart().await.expect("etcd restarts");
-    registration
-        .registered(DEADLINE)
-        .await
-        .expect("registered again");
+    restarted
+}
+
+/// Waits until the registration holds a lease other than `old`.
+async fn registered_again(registration: &Registration, old: i64) -> i64 {
+    let mut states = registration.watch_state();
+    wait_for("a registration under a new lease", DEADLINE, || {
+        let state = states.borrow_and_update().clone();
+        async move {
+            match state {
+                State::Registered { lease } if lease != old => Some(lease),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .expect("registered again")
+}
+
+/// The key's weight and lease, if the key is there.
+async fn weight_and_lease(etcd: &Etcd, key: &str) -> Option<(u32, i64)> {
+    let mut c = Client::connect([etcd.endpoint()], None).await.ok()?;
+    let response = c.get(key, None).await.ok()?;
+    let kv = response.kvs().first()?;
+    Some((admin::weight_of(kv.value()).ok()?, kv.lease()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_ttl_is_survived() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7002);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let first = registration.registered(DEADLINE).await.expect("registered");
+    let restarted = outage_longer_than_the_ttl(&mut etcd, &registration).await;
+    registered_again(&registration, first).await;
     let back_after = restarted.elapsed();
     println!("registered again {back_after:?} after etcd came back");
     // And it stays: kept alive, not a leftover of the old lease.
@@ -211,6 +241,13 @@ async fn set_weight_and_drain_keep_the_lease_and_refuse_garbage() {
     admin::drain(&mut c, &key, Duration::from_millis(100))
         .await
         .expect("drain");
+    // Its process is alive: the key is back, drained, under the same lease.
+    wait_for("the drained key back at weight 0", DEADLINE, || async {
+        (weight_and_lease(&etcd, &key).await == Some((0, lease))).then_some(())
+    })
+    .await
+    .expect("drained, not gone");
+    registration.deregister().await;
     assert_eq!(lease_of(&etcd, &key).await, None);
 }
 
@@ -234,18 +271,7 @@ async fn a_killed_member_is_passed_over_for_the_next() {
     let first = registration.registered(DEADLINE).await.expect("registered");
     // The first member is the one it talks to first.
     cluster.members[0].kill();
-    let mut states = registration.watch_state();
-    let second = wait_for("a registration through another member", DEADLINE, || {
-        let state = states.borrow_and_update().clone();
-        async move {
-            match state {
-                State::Registered { lease } if lease != first => Some(lease),
-                _ => None,
-            }
-        }
-    })
-    .await
-    .expect("registered again");
+    let second = registered_again(&registration, first).await;
     // Kept alive through the others for longer than the TTL.
     let until = Instant::now() + TTL * 3;
     while Instant::now() < until {
@@ -258,6 +284,229 @@ async fn a_killed_member_is_passed_over_for_the_next() {
     }
     registration.deregister().await;
     assert_eq!(lease_at(&endpoints[2], &key).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_weight_outlives_an_outage_longer_than_the_ttl() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7005);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let first = registration.registered(DEADLINE).await.expect("registered");
+    admin::set_weight(&mut client(&etcd).await, &key, 9)
+        .await
+        .expect("set-weight");
+    wait_for("the owner to adopt weight 9", DEADLINE, || async {
+        (registration.weight() == 9).then_some(())
+    })
+    .await
+    .expect("adopted");
+    outage_longer_than_the_ttl(&mut etcd, &registration).await;
+    let second = registered_again(&registration, first).await;
+    assert_eq!(
+        weight_and_lease(&etcd, &key).await,
+        Some((9, second)),
+        "registered again with the operator's weight"
+    );
+    registration.deregister().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_instance_stays_drained_through_an_outage_longer_than_the_ttl() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7006);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let first = registration.registered(DEADLINE).await.expect("registered");
+    // Weight 0, then the key deleted: its owner puts it back at weight 0.
+    admin::drain(&mut client(&etcd).await, &key, Duration::from_millis(200))
+        .await
+        .expect("drain");
+    wait_for("the drained key back at weight 0", DEADLINE, || async {
+        (weight_and_lease(&etcd, &key).await == Some((0, first))).then_some(())
+    })
+    .await
+    .expect("kept drained");
+    assert_eq!(registration.weight(), 0);
+    outage_longer_than_the_ttl(&mut etcd, &registration).await;
+    let second = registered_again(&registration, first).await;
+    assert_eq!(
+        weight_and_lease(&etcd, &key).await,
+        Some((0, second)),
+        "still drained after registering again"
+    );
+    // The latest change wins: the process itself can bring it back.
+    registration.set_weight(5).expect("valid weight");
+    wait_for("weight 5 written", DEADLINE, || async {
+        (weight_and_lease(&etcd, &key).await == Some((5, second))).then_some(())
+    })
+    .await
+    .expect("undrained");
+    registration.deregister().await;
+    assert_eq!(lease_of(&etcd, &key).await, None);
+}
+
+/// A TCP forwarder to etcd that can cut the owner off (its connections
+/// dropped, new ones closed at once) and let it through again.
+struct Link {
+    addr: String,
+    open: Arc<AtomicBool>,
+    pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Link {
+    async fn to(etcd: &Etcd) -> Link {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let open = Arc::new(AtomicBool::new(true));
+        let pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (target, open_, pipes_) = (etcd.client, Arc::clone(&open), Arc::clone(&pipes));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open_.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                lock(&pipes_).push(pipe);
+            }
+        });
+        Link { addr, open, pipes }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for pipe in lock(&self.pipes).drain(..) {
+            pipe.abort();
+        }
+    }
+
+    fn mend(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_set_while_the_owner_was_cut_off_is_adopted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let link = Link::to(&etcd).await;
+    let instance = instance(7013);
+    let key = instance.key();
+    let registration = Registration::start(vec![link.addr.clone()], instance).expect("valid");
+    let first = registration.registered(DEADLINE).await.expect("registered");
+    link.cut();
+    let mut states = registration.watch_state();
+    wait_for("the loss to be seen", DEADLINE, || {
+        let state = states.borrow_and_update().clone();
+        async move { matches!(state, State::Retrying { .. }).then_some(()) }
+    })
+    .await
+    .expect("retrying while cut off");
+    // The key lives on with its lease for a while: the operator changes it
+    // while the owner cannot see the change.
+    admin::set_weight(&mut client(&etcd).await, &key, 7)
+        .await
+        .expect("set-weight while the owner is away");
+    link.mend();
+    let second = registered_again(&registration, first).await;
+    assert_eq!(weight_and_lease(&etcd, &key).await, Some((7, second)));
+    assert_eq!(registration.weight(), 7);
+
+    // Both sides change it while cut off: the process's own change, the
+    // later one, wins.
+    link.cut();
+    wait_for("the loss to be seen", DEADLINE, || {
+        let state = states.borrow_and_update().clone();
+        async move { matches!(state, State::Retrying { .. }).then_some(()) }
+    })
+    .await
+    .expect("retrying while cut off");
+    admin::set_weight(&mut client(&etcd).await, &key, 2)
+        .await
+        .expect("set-weight while the owner is away");
+    registration.set_weight(4).expect("valid weight");
+    link.mend();
+    let third = registered_again(&registration, second).await;
+    assert_eq!(weight_and_lease(&etcd, &key).await, Some((4, third)));
+    registration.deregister().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_by_hand_comes_back_drained() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7012);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let lease = registration.registered(DEADLINE).await.expect("registered");
+    // As `etcdctl del` would: no weight 0 first.
+    client(&etcd)
+        .await
+        .delete(key.as_str(), None)
+        .await
+        .expect("delete");
+    wait_for("the key back at weight 0", DEADLINE, || async {
+        (weight_and_lease(&etcd, &key).await == Some((0, lease))).then_some(())
+    })
+    .await
+    .expect("back, drained");
+    assert_eq!(registration.weight(), 0);
+    registration.deregister().await;
+    assert_eq!(lease_of(&etcd, &key).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_lease_is_a_loss_not_a_drain() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7007);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let first = registration.registered(DEADLINE).await.expect("registered");
+    client(&etcd)
+        .await
+        .lease_revoke(first)
+        .await
+        .expect("revoke");
+    let second = registered_again(&registration, first).await;
+    assert_eq!(weight_and_lease(&etcd, &key).await, Some((3, second)));
+    registration.deregister().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_without_the_lease_is_adopted_and_put_back_under_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let instance = instance(7008);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let lease = registration.registered(DEADLINE).await.expect("registered");
+    // As `etcdctl put` would: no lease, the weight as a string.
+    let value = r#"{"Op":0,"Addr":"127.0.0.1:7008","Metadata":{"weight":"6"}}"#;
+    client(&etcd)
+        .await
+        .put(key.as_str(), value, None)
+        .await
+        .expect("put");
+    wait_for("weight 6 under the owner's lease", DEADLINE, || async {
+        (weight_and_lease(&etcd, &key).await == Some((6, lease))).then_some(())
+    })
+    .await
+    .expect("adopted and put back under the lease");
+    registration.deregister().await;
+    assert_eq!(lease_of(&etcd, &key).await, None);
 }
 
 /// Runs the CLI to its end, failing the test if it has not ended within
@@ -455,6 +704,11 @@ async fn the_library_and_the_cli_log_in_as_an_etcd_user() {
         listed.iter().find(|l| l.key == key).and_then(|l| l.weight),
         Some(8)
     );
+    wait_for("the owner to adopt weight 8", DEADLINE, || async {
+        (registration.weight() == 8).then_some(())
+    })
+    .await
+    .expect("adopted");
     // A wrong password, or none, is refused.
     let wrong = cli(&set_weight, &[("ETCD_MESH_ETCD_PASSWORD", "nope")]).await;
     assert!(!wrong.status.success(), "{wrong:?}");
