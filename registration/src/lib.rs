@@ -39,7 +39,10 @@
 //!
 //! [`Registration::deregister`] revokes the lease (the key goes with it)
 //! and waits until that is done, so callers stop being routed to the
-//! instance without waiting for the TTL.
+//! instance without waiting for the TTL. Dropping a [`Registration`] does
+//! the same without waiting: the background task revokes the lease if the
+//! tokio runtime lives on long enough (a runtime shutting down cancels it;
+//! the key then expires with its TTL, as after a crash).
 //!
 //! The key and value follow etcd's gRPC naming (`<prefix><service>/<addr>`,
 //! `{"Op":0,"Addr":..,"Metadata":{"weight":..}}`) or the older openim-v2
@@ -167,7 +170,8 @@ pub enum State {
     Registered { lease: i64 },
 }
 
-/// A running registration; [`Registration::deregister`] ends it cleanly.
+/// A running registration. [`Registration::deregister`] ends it and waits
+/// for the key to go; dropping it ends it too, without waiting.
 #[derive(Debug)]
 pub struct Registration {
     state: watch::Receiver<State>,
@@ -275,9 +279,18 @@ impl Registration {
 
     /// Revokes the lease (the key goes with it) and stops; returns when
     /// that is done, or has failed within the request timeout.
-    pub async fn deregister(self) {
+    pub async fn deregister(mut self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Registration {
+    /// Stops the registration: its task revokes the lease in the
+    /// background, as [`Registration::deregister`] does, if the runtime
+    /// lives on long enough; otherwise the key expires with its TTL.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -1,7 +1,7 @@
 //! Registration against a real etcd: keepalive over several TTLs, coming
 //! back after an outage longer than the TTL, clean and unclean exits, the
-//! admin commands and how the owner answers them, TLS and user
-//! authentication, and a member that does not answer.
+//! admin commands and how the owner answers them, dropping the handle, TLS
+//! and user authentication, and a member that does not answer.
 
 use etcd_client::Client;
 use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, EtcdCluster, EtcdTlsFiles, Proc};
@@ -507,6 +507,26 @@ async fn a_put_without_the_lease_is_adopted_and_put_back_under_it() {
     .expect("adopted and put back under the lease");
     registration.deregister().await;
     assert_eq!(lease_of(&etcd, &key).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handle_revokes_the_lease_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    // A TTL far longer than the wait below: expiry cannot explain it.
+    let ttl = Duration::from_secs(60);
+    let instance = instance(7009).with_ttl(ttl);
+    let key = instance.key();
+    let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
+    let lease = registration.registered(DEADLINE).await.expect("registered");
+    drop(registration);
+    wait_for("the key and its lease to go", ttl / 6, || async {
+        let mut c = client(&etcd).await;
+        let left = c.lease_time_to_live(lease, None).await.ok()?.ttl();
+        (left == -1 && lease_of(&etcd, &key).await.is_none()).then_some(())
+    })
+    .await
+    .expect("revoked on drop");
 }
 
 /// Runs the CLI to its end, failing the test if it has not ended within
