@@ -26,11 +26,23 @@ async fn client(etcd: &Etcd) -> Client {
         .expect("connect")
 }
 
+/// The key's value and lease as `member` sees them, if the key is there.
+async fn stored(member: &str, key: &str) -> Option<(Vec<u8>, i64)> {
+    let mut c = Client::connect([member], None).await.ok()?;
+    let response = c.get(key, None).await.ok()?;
+    let kv = response.kvs().first()?;
+    Some((kv.value().to_vec(), kv.lease()))
+}
+
 /// The key's lease, if the key is there.
 async fn lease_of(etcd: &Etcd, key: &str) -> Option<i64> {
-    let mut c = Client::connect([etcd.endpoint()], None).await.ok()?;
-    let response = c.get(key, None).await.ok()?;
-    response.kvs().first().map(|kv| kv.lease())
+    stored(&etcd.endpoint(), key).await.map(|(_, lease)| lease)
+}
+
+/// The key's weight and lease, if the key is there.
+async fn weight_and_lease(etcd: &Etcd, key: &str) -> Option<(u32, i64)> {
+    let (value, lease) = stored(&etcd.endpoint(), key).await?;
+    Some((admin::weight_of(&value).ok()?, lease))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,22 +76,28 @@ async fn the_key_outlives_several_ttls_and_goes_at_once_on_deregister() {
     assert_eq!(lease_of(&etcd, &key).await, None, "gone at once");
 }
 
-/// Kills etcd once the registration is seen lost, keeps it down for
-/// longer than the TTL (the outage itself, not a wait for anything), and
-/// starts it again on the same data; returns when it is back.
+/// Kills etcd, waits until the registration has seen the loss, keeps etcd
+/// down for longer than the TTL (the outage itself, not a wait for
+/// anything), and starts it again on the same data; returns when it is
+/// back.
 async fn outage_longer_than_the_ttl(etcd: &mut Etcd, registration: &Registration) -> Instant {
     etcd.kill();
+    lost(registration).await;
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    let restarted = Instant::now();
+    etcd.restart().await.expect("etcd restarts");
+    restarted
+}
+
+/// Waits until the registration has seen its lease lost.
+async fn lost(registration: &Registration) {
     let mut states = registration.watch_state();
     wait_for("the loss to be seen", DEADLINE, || {
         let state = states.borrow_and_update().clone();
         async move { matches!(state, State::Retrying { .. }).then_some(()) }
     })
     .await
-    .expect("retrying while etcd is away");
-    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
-    let restarted = Instant::now();
-    etcd.restart().await.expect("etcd restarts");
-    restarted
+    .expect("retrying");
 }
 
 /// Waits until the registration holds a lease other than `old`.
@@ -96,14 +114,6 @@ async fn registered_again(registration: &Registration, old: i64) -> i64 {
     })
     .await
     .expect("registered again")
-}
-
-/// The key's weight and lease, if the key is there.
-async fn weight_and_lease(etcd: &Etcd, key: &str) -> Option<(u32, i64)> {
-    let mut c = Client::connect([etcd.endpoint()], None).await.ok()?;
-    let response = c.get(key, None).await.ok()?;
-    let kv = response.kvs().first()?;
-    Some((admin::weight_of(kv.value()).ok()?, kv.lease()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,13 +261,6 @@ async fn set_weight_and_drain_keep_the_lease_and_refuse_garbage() {
     assert_eq!(lease_of(&etcd, &key).await, None);
 }
 
-/// The key's lease as `member` sees it, if the key is there.
-async fn lease_at(member: &str, key: &str) -> Option<i64> {
-    let mut c = Client::connect([member], None).await.ok()?;
-    let response = c.get(key, None).await.ok()?;
-    response.kvs().first().map(|kv| kv.lease())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_member_is_passed_over_for_the_next() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -276,14 +279,14 @@ async fn a_killed_member_is_passed_over_for_the_next() {
     let until = Instant::now() + TTL * 3;
     while Instant::now() < until {
         assert_eq!(
-            lease_at(&endpoints[1], &key).await,
+            stored(&endpoints[1], &key).await.map(|(_, lease)| lease),
             Some(second),
             "the key lapsed"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     registration.deregister().await;
-    assert_eq!(lease_at(&endpoints[2], &key).await, None);
+    assert_eq!(stored(&endpoints[2], &key).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,13 +410,7 @@ async fn a_weight_set_while_the_owner_was_cut_off_is_adopted() {
     let registration = Registration::start(vec![link.addr.clone()], instance).expect("valid");
     let first = registration.registered(DEADLINE).await.expect("registered");
     link.cut();
-    let mut states = registration.watch_state();
-    wait_for("the loss to be seen", DEADLINE, || {
-        let state = states.borrow_and_update().clone();
-        async move { matches!(state, State::Retrying { .. }).then_some(()) }
-    })
-    .await
-    .expect("retrying while cut off");
+    lost(&registration).await;
     // The key lives on with its lease for a while: the operator changes it
     // while the owner cannot see the change.
     admin::set_weight(&mut client(&etcd).await, &key, 7)
@@ -427,12 +424,7 @@ async fn a_weight_set_while_the_owner_was_cut_off_is_adopted() {
     // Both sides change it while cut off: the process's own change, the
     // later one, wins.
     link.cut();
-    wait_for("the loss to be seen", DEADLINE, || {
-        let state = states.borrow_and_update().clone();
-        async move { matches!(state, State::Retrying { .. }).then_some(()) }
-    })
-    .await
-    .expect("retrying while cut off");
+    lost(&registration).await;
     admin::set_weight(&mut client(&etcd).await, &key, 2)
         .await
         .expect("set-weight while the owner is away");
