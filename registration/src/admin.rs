@@ -2,7 +2,10 @@
 //! a weight in place (keeping the instance's lease), drain one.
 //!
 //! These back the `list`, `set-weight` and `drain` commands of
-//! `etcd-mesh-register`.
+//! `etcd-mesh-register`. A key whose process keeps it registered with this
+//! library outlives them: the process adopts a weight written here and
+//! keeps it across re-registrations, and puts a deleted key back at weight
+//! 0 (see the crate docs).
 
 use etcd_client::{Client, GetOptions, PutOptions};
 use etcd_mesh_wire::{DEFAULT_WEIGHT, MAX_WEIGHT};
@@ -26,7 +29,8 @@ pub struct Listed {
     pub key: String,
     pub service: String,
     pub addr: String,
-    /// `None` when the value is not etcd-naming JSON.
+    /// `None` when the value is not etcd-naming JSON or its weight cannot
+    /// be read.
     pub weight: Option<u32>,
     /// Seconds left on the key's lease; `None` without a lease.
     pub ttl_left: Option<i64>,
@@ -46,11 +50,7 @@ pub async fn list(client: &mut Client, prefix: &str) -> Result<Vec<Listed>, Admi
         let (addr, weight) = match &value {
             Some(v) => (
                 v["Addr"].as_str().unwrap_or_default().to_owned(),
-                Some(
-                    v["Metadata"]["weight"]
-                        .as_u64()
-                        .map_or(DEFAULT_WEIGHT, |w| w.min(u64::from(u32::MAX)) as u32),
-                ),
+                weight_in(v).ok(),
             ),
             // openim-v2: the value is the address.
             None => (String::from_utf8_lossy(kv.value()).into_owned(), None),
@@ -71,8 +71,36 @@ pub async fn list(client: &mut Client, prefix: &str) -> Result<Vec<Listed>, Admi
     Ok(listed)
 }
 
+/// The weight in an etcd-naming value, read as sync-server reads it:
+/// `Metadata.weight`, an integer 0..=MAX_WEIGHT as a JSON number or a
+/// string of digits, 1 when absent.
+pub fn weight_of(value: &[u8]) -> Result<u32, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("not etcd-naming JSON: {e}"))?;
+    weight_in(&value)
+}
+
+fn weight_in(value: &serde_json::Value) -> Result<u32, String> {
+    let weight = match &value["Metadata"]["weight"] {
+        serde_json::Value::Null => return Ok(DEFAULT_WEIGHT),
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse::<u64>().ok(),
+        _ => None,
+    };
+    weight
+        .and_then(|w| u32::try_from(w).ok())
+        .filter(|w| *w <= MAX_WEIGHT)
+        .ok_or_else(|| {
+            format!(
+                "Metadata.weight {} is not an integer in 0..={MAX_WEIGHT}",
+                value["Metadata"]["weight"]
+            )
+        })
+}
+
 /// Rewrites `Metadata.weight` of the registration at `key`, keeping its
-/// lease and its other metadata.
+/// lease and its other metadata. A process keeping the key registered
+/// adopts the weight and keeps it until it is changed again.
 pub async fn set_weight(client: &mut Client, key: &str, weight: u32) -> Result<(), AdminError> {
     if weight > MAX_WEIGHT {
         return Err(AdminError::Weight(weight));
@@ -111,6 +139,8 @@ pub async fn set_weight(client: &mut Client, key: &str, weight: u32) -> Result<(
 
 /// Drains the registration at `key`: weight 0, a pause for the change to
 /// reach every proxy and for calls in flight to finish, then deletion.
+/// A process still keeping the key registered puts it back at weight 0:
+/// it stays listed, drained, until that process stops.
 pub async fn drain(client: &mut Client, key: &str, wait: Duration) -> Result<(), AdminError> {
     set_weight(client, key, 0).await?;
     tokio::time::sleep(wait).await;

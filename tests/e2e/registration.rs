@@ -1,5 +1,6 @@
 //! Registration changes made with the admin commands reach sync-server's
-//! snapshot and the traffic.
+//! snapshot and the traffic; a drained instance whose process still runs
+//! stays in the snapshot at weight 0 until that process deregisters.
 
 use etcd_mesh_demo::stack::wait_for;
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
@@ -10,18 +11,19 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_weight_and_drain_show_in_the_snapshot() {
     let mesh = Mesh::start(1).await;
-    let backends = mesh.weighted_backends(&[1, 1]).await;
+    let mut backends = mesh.weighted_backends(&[1, 1]).await;
     let key = Instance::new(DEMO_PREFIX, DEMO_SERVICE, &backends[0].addr.to_string()).key();
     let mut etcd = etcd_client::Client::connect(mesh.etcd_endpoints(), None)
         .await
         .expect("etcd");
+    let addr = backends[0].addr.to_string();
     let weight_of = |snapshot: &etcd_mesh_wire::Snapshot| {
         snapshot
             .services
             .get(DEMO_SERVICE)?
             .endpoints
             .iter()
-            .find(|e| e.addr == backends[0].addr.to_string())
+            .find(|e| e.addr == addr)
             .map(|e| e.weight)
     };
 
@@ -47,9 +49,10 @@ async fn set_weight_and_drain_show_in_the_snapshot() {
         "{counts:?}"
     );
 
-    // Drain: weight 0 first (no new calls), then the key is gone.
+    // Drain: weight 0 first (no new calls), then the key is deleted.
     let drain = tokio::spawn({
         let mut etcd = etcd.clone();
+        let key = key.clone();
         async move { admin::drain(&mut etcd, &key, Duration::from_secs(1)).await }
     });
     wait_for("weight 0 in the snapshot", DEADLINE, || async {
@@ -58,7 +61,31 @@ async fn set_weight_and_drain_show_in_the_snapshot() {
     .await
     .expect("draining");
     drain.await.expect("task").expect("drained");
-    wait_for("the drained endpoint to leave", DEADLINE, || async {
+    // The backend's own registration puts the key back, still at weight 0.
+    let put_back = wait_for("the key put back", DEADLINE, || {
+        let mut etcd = etcd.clone();
+        let key = key.clone();
+        async move {
+            let response = etcd.get(key, None).await.ok()?;
+            let kv = response.kvs().first()?;
+            (admin::weight_of(kv.value()).ok()? == 0).then_some(kv.mod_revision())
+        }
+    })
+    .await
+    .expect("put back");
+    let put_back = u64::try_from(put_back).expect("a revision");
+    wait_for(
+        "weight 0 in the snapshot after the put-back",
+        DEADLINE,
+        || async {
+            let snapshot = mesh.snapshot().await?;
+            (snapshot.revision >= put_back && weight_of(&snapshot) == Some(0)).then_some(())
+        },
+    )
+    .await
+    .expect("still drained");
+    backends[0].deregister().await;
+    wait_for("the deregistered endpoint to leave", DEADLINE, || async {
         weight_of(&mesh.snapshot().await?).is_none().then_some(())
     })
     .await

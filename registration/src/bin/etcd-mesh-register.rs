@@ -1,9 +1,18 @@
 //! `etcd-mesh-register`: registration from a shell or a container
 //! entrypoint. Wiring only; the work is in the library.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use etcd_mesh_registration::{admin, Instance, KeyFormat, Registration, State};
+use etcd_mesh_registration::{
+    admin, EtcdOptions, EtcdTls, Instance, KeyFormat, Registration, State,
+};
+use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Where the password of `--etcd-user` is read from (not a flag: flags
+/// show in `ps`).
+const PASSWORD_ENV: &str = "ETCD_MESH_ETCD_PASSWORD";
 
 /// Registers service instances in etcd for etcd-mesh, and inspects or
 /// changes the registrations that are there.
@@ -19,8 +28,79 @@ struct Cli {
         default_value = "127.0.0.1:2379"
     )]
     etcd: Vec<String>,
+    /// CA certificate (PEM) to verify etcd with; turns on TLS to etcd.
+    #[arg(long, global = true, env = "ETCD_MESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM), when etcd asks for one; needs --etcd-key.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_MESH_ETCD_CERT",
+        requires = "etcd_key",
+        requires = "etcd_ca"
+    )]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM); needs --etcd-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_MESH_ETCD_KEY",
+        requires = "etcd_cert"
+    )]
+    etcd_key: Option<PathBuf>,
+    /// The name etcd's certificate is checked against, if not the host.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_MESH_ETCD_DOMAIN",
+        requires = "etcd_ca"
+    )]
+    etcd_domain: Option<String>,
+    /// etcd user; the password is read from $ETCD_MESH_ETCD_PASSWORD.
+    #[arg(long, global = true, env = "ETCD_MESH_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// Seconds an etcd member has to answer a connection (TCP, TLS,
+    /// authentication and a first request).
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_MESH_CONNECT_TIMEOUT",
+        default_value = "2",
+        value_parser = parse_seconds
+    )]
+    connect_timeout: Duration,
+    /// Seconds each request to etcd may take; for list and set-weight, the
+    /// whole command once connected (drain adds its --wait).
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_MESH_REQUEST_TIMEOUT",
+        default_value = "5",
+        value_parser = parse_seconds
+    )]
+    request_timeout: Duration,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    fn etcd_options(&self) -> anyhow::Result<EtcdOptions> {
+        let mut options = EtcdOptions::new(self.etcd.clone());
+        options.connect_timeout = self.connect_timeout;
+        options.request_timeout = self.request_timeout;
+        if let Some(ca) = &self.etcd_ca {
+            let identity = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
+            let tls = EtcdTls::from_files(ca, identity, self.etcd_domain.clone())
+                .context("cannot read the etcd TLS files")?;
+            options.tls = Some(tls);
+        }
+        if let Some(user) = &self.etcd_user {
+            let password = std::env::var(PASSWORD_ENV)
+                .with_context(|| format!("--etcd-user needs the password in ${PASSWORD_ENV}"))?;
+            options.user = Some((user.clone(), password));
+        }
+        Ok(options)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +174,25 @@ impl Target {
     }
 }
 
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|secs| *secs > 0.0)
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
+}
+
+/// `command` within `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    command: impl Future<Output = Result<T, admin::AdminError>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, command).await {
+        Ok(result) => Ok(result?),
+        Err(_) => anyhow::bail!("etcd did not finish within {limit:?}"),
+    }
+}
+
 fn parse_meta(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -110,6 +209,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    let options = cli.etcd_options()?;
+    let limit = options.request_timeout;
     match cli.command {
         Command::Run {
             service,
@@ -127,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
                 instance.format = KeyFormat::OpenimV2 { schema };
             }
             instance.metadata = metadata.into_iter().map(|(k, v)| (k, v.into())).collect();
-            let registration = Registration::start(cli.etcd, instance)?;
+            let registration = Registration::start_with(options, instance)?;
             let mut states = registration.watch_state();
             let stop = stop_signal();
             tokio::pin!(stop);
@@ -145,8 +246,8 @@ async fn main() -> anyhow::Result<()> {
             registration.deregister().await;
         }
         Command::List { prefix } => {
-            let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
-            for entry in admin::list(&mut client, &prefix).await? {
+            let mut client = options.connect().await?;
+            for entry in bounded(limit, admin::list(&mut client, &prefix)).await? {
                 let weight = entry.weight.map_or("-".into(), |w| w.to_string());
                 let ttl = entry.ttl_left.map_or("-".into(), |t| format!("{t}s"));
                 println!(
@@ -156,12 +257,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::SetWeight { target, weight } => {
-            let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
-            admin::set_weight(&mut client, &target.key(), weight).await?;
+            let mut client = options.connect().await?;
+            bounded(limit, admin::set_weight(&mut client, &target.key(), weight)).await?;
         }
         Command::Drain { target, wait } => {
-            let mut client = etcd_client::Client::connect(&cli.etcd, None).await?;
-            admin::drain(&mut client, &target.key(), Duration::from_secs(wait)).await?;
+            let mut client = options.connect().await?;
+            let (key, wait) = (target.key(), Duration::from_secs(wait));
+            bounded(wait + limit * 2, admin::drain(&mut client, &key, wait)).await?;
         }
     }
     Ok(())
