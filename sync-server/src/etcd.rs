@@ -9,30 +9,18 @@ use crate::format::WatchSpec;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::registry::{Change, Registry};
-use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
-};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// How to reach etcd.
-#[derive(Debug, Clone)]
-pub struct EtcdOptions {
-    /// `host:port` or URLs, one per member.
-    pub endpoints: Vec<String>,
-    pub connect_timeout: Duration,
-    /// The deadline of each listing request.
-    pub request_timeout: Duration,
-    /// TLS to etcd: `https://` endpoints, verified against this CA.
-    pub tls: Option<EtcdTls>,
-    /// etcd authentication (user, password).
-    pub user: Option<(String, String)>,
-    /// Keys per listing request.
-    pub list_page_size: i64,
-}
+pub use etcd_mesh_etcd_options::{Backoff, ConnectError, EtcdOptions, EtcdTls};
+
+/// Keys per listing request: one response for a large registry would pass
+/// the client's message limit.
+pub const LIST_PAGE_SIZE: i64 = 5_000;
 
 /// The end of the key range holding every key that starts with `prefix`.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -47,98 +35,20 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// PEM material for TLS to etcd.
-#[derive(Clone)]
-pub struct EtcdTls {
-    pub ca_pem: Vec<u8>,
-    /// A client certificate and key, when etcd asks for one.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-    /// The name to verify the server certificate against, if not the host.
-    pub domain: Option<String>,
-}
-
-impl std::fmt::Debug for EtcdTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdTls")
-            .field("client_certificate", &self.identity.is_some())
-            .field("domain", &self.domain)
-            .finish_non_exhaustive()
-    }
-}
-
-impl EtcdOptions {
-    pub fn new(endpoints: Vec<String>) -> Self {
-        EtcdOptions {
-            endpoints,
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(5),
-            tls: None,
-            user: None,
-            list_page_size: 5_000,
-        }
-    }
-
-    fn urls(&self) -> Vec<String> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        self.endpoints
-            .iter()
-            .map(|e| {
-                if e.contains("://") {
-                    e.clone()
-                } else {
-                    format!("{scheme}://{e}")
-                }
-            })
-            .collect()
-    }
-
-    /// A client of one member, the `turn`-th (modulo the members): a sync
-    /// round that fails moves on to the next member, because a client over
-    /// all members keeps sending to a dead one.
-    pub async fn connect_member(&self, turn: usize) -> Result<Client, etcd_client::Error> {
-        let urls = self.urls();
-        let url = urls
-            .get(turn % urls.len().max(1))
-            .cloned()
-            .unwrap_or_default();
-        self.connect_to(vec![url]).await
-    }
-
-    async fn connect_to(&self, urls: Vec<String>) -> Result<Client, etcd_client::Error> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(self.connect_timeout)
-            // HTTP/2 pings find a dead member even when no key changes.
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
-        if let Some(tls) = &self.tls {
-            let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-            if let Some((cert, key)) = &tls.identity {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            if let Some(domain) = &tls.domain {
-                config = config.domain_name(domain.clone());
-            }
-            options = options.with_tls(config);
-        }
-        if let Some((user, password)) = &self.user {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        Client::connect(urls, Some(options)).await
-    }
-}
-
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
-/// Keeps `publisher` in step with etcd until `shutdown`.
+/// Keeps `publisher` in step with etcd until `shutdown`, listing in pages
+/// of `page_size` keys.
 pub async fn sync(
     options: EtcdOptions,
+    page_size: i64,
     mut registry: Registry,
     publisher: Publisher,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut retry = FIRST_RETRY;
+    let mut retry = Backoff::new(FIRST_RETRY, MAX_RETRY);
     let mut sync = SyncRound {
         registry: &mut registry,
         publisher: &publisher,
@@ -151,35 +61,27 @@ pub async fn sync(
         }
         let round = tokio::select! {
             _ = shutdown.cancelled() => return,
-            round = sync.round(&options, round_number as usize, &mut retry) => round,
+            round = sync.round(&options, page_size, round_number as usize, &mut retry) => round,
         };
         metrics.etcd_connected.store(0, Ordering::Relaxed);
         if let Err(e) = round {
             publisher.set_stale(true);
-            let pause = jitter(retry);
+            let pause = retry.next();
             warn!(error = %e, ?pause, "etcd sync interrupted; serving the last snapshot as stale");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
-            retry = (retry * 2).min(MAX_RETRY);
         }
     }
-}
-
-/// A pause between `d/2` and `d`, so replicas do not retry in step.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
 #[derive(Debug, thiserror::Error)]
 enum RoundError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the watch was cancelled: {0}")]
@@ -239,13 +141,14 @@ impl SyncRound<'_> {
     async fn round(
         &mut self,
         options: &EtcdOptions,
+        page_size: i64,
         turn: usize,
-        retry: &mut Duration,
+        retry: &mut Backoff,
     ) -> Result<(), RoundError> {
         let timeout = options.request_timeout;
-        let mut client = tokio::time::timeout(timeout, options.connect_member(turn))
-            .await
-            .map_err(|_| RoundError::Timeout(timeout))??;
+        // One member per round, the next after a failure: a client over
+        // all members keeps sending to a dead one.
+        let mut client = options.connect_member(turn).await?;
 
         // List every prefix, page by page, at the revision of the first
         // page: one response for a large registry would pass the client's
@@ -259,7 +162,7 @@ impl SyncRound<'_> {
             loop {
                 let mut get = GetOptions::new()
                     .with_range(end.clone())
-                    .with_limit(options.list_page_size);
+                    .with_limit(page_size);
                 if revision > 0 {
                     get = get.with_revision(revision);
                 }
@@ -296,7 +199,7 @@ impl SyncRound<'_> {
         self.publish(&epoch);
         self.publisher.mark_synced();
         info!(revision, %epoch, "listed registrations from etcd");
-        *retry = FIRST_RETRY;
+        retry.reset();
 
         // One watcher over the one key range that covers every prefix:
         // etcd orders events per watcher, not across watchers, so with one

@@ -42,6 +42,8 @@ pub struct Config {
     pub history: HistoryLimits,
     /// The most long-polls held at once.
     pub max_long_polls: usize,
+    /// Keys per etcd listing request.
+    pub list_page_size: i64,
 }
 
 impl Config {
@@ -53,6 +55,7 @@ impl Config {
             token: None,
             history: HistoryLimits::default(),
             max_long_polls: http::DEFAULT_MAX_LONG_POLLS,
+            list_page_size: etcd::LIST_PAGE_SIZE,
         }
     }
 }
@@ -81,6 +84,7 @@ pub async fn run(
     state.max_long_polls = config.max_long_polls;
     let mut sync = tokio::spawn(etcd::sync(
         config.etcd,
+        config.list_page_size,
         Registry::new(config.watches),
         publisher.clone(),
         Arc::clone(&state.metrics),
