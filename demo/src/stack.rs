@@ -1,7 +1,10 @@
-//! Starts the real parts of the mesh on loopback: etcd, sync-server, Envoy.
+//! The loopback process kit: etcd (one member or a cluster, with or without
+//! TLS), Envoy with the plugin, any other process ([`Proc`], which is how
+//! `make run` starts sync-server and the backends), a minimal HTTP GET and
+//! waits with deadlines.
 //!
-//! Used by `make run` (fixed, well-known ports) and by the end-to-end tests
-//! (free ports, one temporary directory each). Every process is killed when
+//! Used by `make run` (fixed, well-known ports), the end-to-end tests and
+//! `make bench` (free ports, one temporary directory each). Every process is killed when
 //! its handle is dropped, so a failing test leaves nothing behind; every
 //! wait is a poll with a deadline.
 
