@@ -65,6 +65,14 @@ struct Cli {
     /// results.json).
     #[arg(long)]
     scale_only: bool,
+    /// Run only the per-call cost section (e.g. against another Envoy,
+    /// with ETCD_MESH_ENVOY) and keep the other figures.
+    #[arg(long, conflicts_with = "scale_only")]
+    cost_only: bool,
+    /// Held `/v1/snapshot` long-polls of the scale section (each receives
+    /// the whole registry: 0 skips them at sizes the client cannot hold).
+    #[arg(long)]
+    snapshot_long_polls: Option<usize>,
     /// Where the results go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
@@ -77,7 +85,18 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
-    let (cost, propagation, split) = if cli.scale_only {
+    let (cost, propagation, split) = if cli.cost_only {
+        let cost = cost::run(&cost::CostOptions {
+            rounds: cli.rounds,
+            calls: cli.calls,
+            clients: cli.clients,
+            streams: cli.streams,
+            latency_calls: cli.latency_calls,
+            latency_rps: cli.latency_rps,
+        })
+        .await?;
+        (cost, last["propagation"].clone(), last["split"].clone())
+    } else if cli.scale_only {
         (
             last["cost"].clone(),
             last["propagation"].clone(),
@@ -100,17 +119,22 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("split done");
         (cost, propagation, split)
     };
-    let scale = scale::run(&scale::ScaleOptions {
-        services: cli.services,
-        endpoints: cli.endpoints,
-        long_polls: cli.long_polls,
-        many_long_polls: cli.many_long_polls,
-        rolling_instances: cli.rolling_instances,
-        rolling_seconds: cli.rolling_seconds,
-        plugin_endpoints: cli.plugin_endpoints,
-        plugin_cycles: cli.plugin_cycles,
-    })
-    .await?;
+    let scale = if cli.cost_only {
+        last["scale"].clone()
+    } else {
+        scale::run(&scale::ScaleOptions {
+            services: cli.services,
+            endpoints: cli.endpoints,
+            snapshot_long_polls: cli.snapshot_long_polls.unwrap_or(cli.long_polls),
+            long_polls: cli.long_polls,
+            many_long_polls: cli.many_long_polls,
+            rolling_instances: cli.rolling_instances,
+            rolling_seconds: cli.rolling_seconds,
+            plugin_endpoints: cli.plugin_endpoints,
+            plugin_cycles: cli.plugin_cycles,
+        })
+        .await?
+    };
     let results = json!({
         "environment": report::environment(),
         "cost": cost,

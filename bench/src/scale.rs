@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub struct ScaleOptions {
     pub services: usize,
     pub endpoints: usize,
+    pub snapshot_long_polls: usize,
     pub long_polls: usize,
     pub many_long_polls: usize,
     pub rolling_instances: usize,
@@ -298,14 +299,18 @@ pub async fn run(options: &ScaleOptions) -> anyhow::Result<Value> {
     };
 
     // Before: every held long-poll gets the whole snapshot.
-    let snapshot_polls = put_answers_long_polls(
-        listen,
-        &mut client,
-        &format!("/v1/snapshot?since={revision}&wait=120"),
-        options.long_polls,
-        extra(0),
-    )
-    .await?;
+    let snapshot_polls = if options.snapshot_long_polls > 0 {
+        put_answers_long_polls(
+            listen,
+            &mut client,
+            &format!("/v1/snapshot?since={revision}&wait=120"),
+            options.snapshot_long_polls,
+            extra(0),
+        )
+        .await?
+    } else {
+        Value::Null
+    };
     eprintln!("scale: full-snapshot long-polls done");
     // After: the change feed, 1,000 and 10,000 held.
     let mut delta_polls = Vec::new();
