@@ -8,7 +8,7 @@ use crate::util::{cpu_seconds, median, peak_rss_mib, percentile};
 use anyhow::Context;
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_mesh_demo::stack::{
-    free_port, http_get, prometheus_value, wait_for, workspace_root, Etcd, Proc,
+    free_port, http_get, prometheus_value, wait_for, wait_ready, workspace_root, Etcd, Proc,
 };
 use etcd_mesh_e2e::Mesh;
 use etcd_mesh_wire::Changes;
@@ -271,11 +271,9 @@ pub async fn run(options: &ScaleOptions) -> anyhow::Result<Value> {
         .env("RUST_LOG", "warn");
     let started = Instant::now();
     let server = Proc::spawn("sync-server", command, dir.path().join("sync.log"))?;
-    wait_for("sync-server /readyz", Duration::from_secs(300), || async {
-        matches!(http_get(listen, "/readyz").await, Ok((200, _))).then_some(())
-    })
-    .await
-    .map_err(anyhow::Error::msg)?;
+    wait_ready(listen, Duration::from_secs(300))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let ready_ms = started.elapsed().as_secs_f64() * 1e3;
     let rss_ready = peak_rss_mib(server.pid())?;
 

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 fn naming(addr: SocketAddr, weight: u32) -> String {
-    format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#)
+    etcd_mesh_registration::Instance::new(DEMO_PREFIX, DEMO_SERVICE, &addr.to_string())
+        .with_weight(weight)
+        .value()
 }
 
 fn key(addr: SocketAddr) -> String {

@@ -95,6 +95,25 @@ pub fn prometheus_value(page: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// The snapshot the sync-server at `addr` serves now, if it serves a
+/// valid one.
+pub async fn fetch_snapshot(addr: SocketAddr) -> Option<etcd_mesh_wire::Snapshot> {
+    match http_get(addr, "/v1/snapshot").await {
+        Ok((200, body)) => etcd_mesh_wire::Snapshot::decode(body.as_bytes()).ok(),
+        _ => None,
+    }
+}
+
+/// Waits until the sync-server at `addr` is ready (`/readyz` answers 200).
+pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    wait_for(
+        &format!("sync-server {addr} /readyz"),
+        timeout,
+        || async move { matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(()) },
+    )
+    .await
+}
+
 /// A minimal HTTP/1.1 GET on loopback: (status, body). Enough for health
 /// checks and admin pages, without pulling an HTTP client into the tests.
 pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {

@@ -6,7 +6,7 @@
 use etcd_client::{Client, GetOptions};
 mod common;
 
-use common::{Server, DEADLINE};
+use common::{naming, Server, DEADLINE};
 use etcd_mesh_demo::stack::{http_get, wait_for, Etcd};
 use etcd_mesh_wire::{Changes, Digest, Service};
 use std::collections::BTreeMap;
@@ -44,10 +44,6 @@ fn config(etcd: &Etcd, watches: &[&str], history: usize) -> Config {
         ..HistoryLimits::default()
     };
     config
-}
-
-fn naming(addr: &str, weight: u32) -> String {
-    format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#)
 }
 
 /// What a change-feed client holds, applying answers as the README says.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Server, DEADLINE};
+use common::{naming, Server, DEADLINE};
 use etcd_client::{Client, CompactionOptions};
 use etcd_mesh_demo::stack::{
     free_port, http_get, http_get_with, wait_for, Etcd, EtcdTlsFiles, Proc,
@@ -43,10 +43,6 @@ async fn put_then_compact(c: &mut Client, key: &str, value: &str) -> i64 {
         .await
         .expect("compact");
     revision
-}
-
-fn naming(addr: &str, weight: u32) -> String {
-    format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#)
 }
 
 fn addrs(snapshot: &Snapshot, service: &str) -> BTreeSet<String> {

@@ -7,6 +7,7 @@ use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_e2e::{start_sync_server_on, Backend, BackgroundLoad, Mesh, DEADLINE};
+use etcd_mesh_registration::Instance;
 use etcd_mesh_wire::Snapshot;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -16,12 +17,7 @@ use tokio::net::TcpListener;
 const MAX_CALLS: usize = 200_000;
 
 async fn listed(sync: SocketAddr) -> Option<Snapshot> {
-    let (status, body) = etcd_mesh_demo::stack::http_get(sync, "/v1/snapshot")
-        .await
-        .ok()?;
-    Snapshot::decode(body.as_bytes())
-        .ok()
-        .filter(|_| status == 200)
+    etcd_mesh_demo::stack::fetch_snapshot(sync).await
 }
 
 fn addrs(snapshot: &Snapshot) -> BTreeSet<String> {
@@ -200,10 +196,13 @@ async fn etcd_restarted_under_load() {
 /// `etcd-mesh-register set-weight` does.
 async fn set_weight(etcd: &[String], addr: SocketAddr, weight: u32) {
     let mut client = EtcdClient::connect(etcd, None).await.expect("etcd");
-    let value = format!(r#"{{"Op":0,"Addr":"{addr}","Metadata":{{"weight":{weight}}}}}"#);
-    let key = format!("{DEMO_PREFIX}{DEMO_SERVICE}/{addr}");
+    let instance = Instance::new(DEMO_PREFIX, DEMO_SERVICE, &addr.to_string()).with_weight(weight);
     client
-        .put(key, value, Some(PutOptions::new().with_ignore_lease()))
+        .put(
+            instance.key(),
+            instance.value(),
+            Some(PutOptions::new().with_ignore_lease()),
+        )
         .await
         .expect("put");
 }

@@ -6,7 +6,9 @@
 
 #![forbid(unsafe_code)]
 
-use etcd_mesh_demo::stack::{http_get, prometheus_value, wait_for, Envoy, EnvoyOptions, Etcd};
+use etcd_mesh_demo::stack::{
+    fetch_snapshot, http_get, prometheus_value, wait_for, wait_ready, Envoy, EnvoyOptions, Etcd,
+};
 use etcd_mesh_demo::{backend, client, DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_registration::{Instance, Registration};
 use etcd_mesh_wire::Snapshot;
@@ -60,10 +62,7 @@ impl Mesh {
 
     /// The snapshot sync-server serves now.
     pub async fn snapshot(&self) -> Option<Snapshot> {
-        match http_get(self.sync_addr, "/v1/snapshot").await {
-            Ok((200, body)) => Snapshot::decode(body.as_bytes()).ok(),
-            _ => None,
-        }
+        fetch_snapshot(self.sync_addr).await
     }
 
     /// Waits until sync-server lists exactly `addrs` for the demo service
@@ -153,11 +152,9 @@ pub async fn start_sync_server_on(
         vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
     );
     tokio::spawn(sync_server::run(config, listener, stop.clone()));
-    wait_for("sync-server /readyz", DEADLINE, || async move {
-        matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
-    })
-    .await
-    .expect("sync-server becomes ready");
+    wait_ready(addr, DEADLINE)
+        .await
+        .expect("sync-server becomes ready");
     (addr, stop)
 }
 

@@ -7,10 +7,9 @@
 
 use etcd_mesh_demo::client::{connect, split};
 use etcd_mesh_demo::stack::{
-    ensure_free, free_port, http_get, wait_for, Envoy, EnvoyOptions, Etcd, Proc,
+    ensure_free, fetch_snapshot, free_port, wait_for, wait_ready, Envoy, EnvoyOptions, Etcd, Proc,
 };
 use etcd_mesh_demo::{wait_for_stop_signal, DEMO_PREFIX, DEMO_SERVICE};
-use etcd_mesh_wire::Snapshot;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -72,11 +71,9 @@ async fn run() -> Result<(), String> {
         .args(["--watch", &format!("etcd-naming={DEMO_PREFIX}")]);
     let sync = Proc::spawn("sync-server", command, logs.join("sync-server.log"))
         .map_err(|e| e.to_string())?;
-    wait_for("sync-server /readyz", Duration::from_secs(20), || async {
-        matches!(http_get(sync_addr, "/readyz").await, Ok((200, _))).then_some(())
-    })
-    .await
-    .map_err(|e| format!("{e}\n{}", sync.log_tail(20)))?;
+    wait_ready(sync_addr, Duration::from_secs(20))
+        .await
+        .map_err(|e| format!("{e}\n{}", sync.log_tail(20)))?;
     println!("  sync-server   http://{sync_addr}/v1/snapshot");
 
     let mut backends = Vec::new();
@@ -114,10 +111,7 @@ async fn run() -> Result<(), String> {
         "sync-server to list 3 backends",
         Duration::from_secs(20),
         || async {
-            let (status, body) = http_get(sync_addr, "/v1/snapshot").await.ok()?;
-            let snapshot = Snapshot::decode(body.as_bytes())
-                .ok()
-                .filter(|_| status == 200)?;
+            let snapshot = fetch_snapshot(sync_addr).await?;
             let listed = snapshot.services.get(DEMO_SERVICE)?.endpoints.len();
             (listed == WEIGHTS.len()).then_some(snapshot.revision)
         },

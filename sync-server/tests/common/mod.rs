@@ -3,13 +3,20 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
-use etcd_mesh_demo::stack::{http_get, prometheus_value, wait_for};
+use etcd_mesh_demo::stack::{fetch_snapshot, http_get, prometheus_value, wait_for, wait_ready};
 use etcd_mesh_wire::Snapshot;
 use std::net::SocketAddr;
 use std::time::Duration;
 use sync_server::Config;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// An etcd-naming registration value, as the registration library writes it.
+pub fn naming(addr: &str, weight: u32) -> String {
+    etcd_mesh_registration::Instance::new("", "", addr)
+        .with_weight(weight)
+        .value()
+}
 
 /// How long any start-up or change may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -38,11 +45,9 @@ impl Server {
 
     pub async fn ready(&self) {
         let addr = self.addr;
-        wait_for("/readyz", DEADLINE, || async move {
-            matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
-        })
-        .await
-        .expect("sync-server becomes ready");
+        wait_ready(addr, DEADLINE)
+            .await
+            .expect("sync-server becomes ready");
     }
 
     pub async fn snapshot(&self) -> Snapshot {
@@ -54,10 +59,7 @@ impl Server {
     /// Waits until the snapshot satisfies `test`.
     pub async fn until(&self, what: &str, test: impl Fn(&Snapshot) -> bool) -> Snapshot {
         wait_for(what, DEADLINE, || async {
-            let (status, body) = http_get(self.addr, "/v1/snapshot").await.ok()?;
-            let snapshot = Snapshot::decode(body.as_bytes())
-                .ok()
-                .filter(|_| status == 200)?;
+            let snapshot = fetch_snapshot(self.addr).await?;
             test(&snapshot).then_some(snapshot)
         })
         .await
