@@ -117,8 +117,10 @@ pub struct RouterConfig {
     /// Passive outlier ejection; `null` turns it off.
     #[serde(default = "default_outlier")]
     pub outlier_detection: Option<OutlierConfig>,
-    /// How often (ms) each worker checks for new tables: a 16-byte read per
-    /// tick rather than per call, at most this much added to propagation.
+    /// How often (ms) each worker checks for new tables even when it was
+    /// not notified: a 16-byte read per tick rather than per call. The
+    /// poller notifies every worker through a shared queue, so this is the
+    /// catch-up for a notice missed (5 ms when the queue cannot be had).
     #[serde(default = "default_refresh_ms")]
     pub refresh_ms: u32,
 }
@@ -178,7 +180,7 @@ fn default_no_endpoint_status() -> u32 {
     14
 }
 fn default_refresh_ms() -> u32 {
-    5
+    100
 }
 fn default_outlier() -> Option<OutlierConfig> {
     Some(OutlierConfig::default())

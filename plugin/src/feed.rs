@@ -23,6 +23,30 @@ pub const INDEX_KEY: &str = "etcd-mesh/services";
 /// Shared-data key of the [`ChangeLog`].
 pub const CHANGES_KEY: &str = "etcd-mesh/changes";
 
+/// Shared-data key of the queues workers are notified on.
+pub const QUEUES_KEY: &str = "etcd-mesh/queues";
+
+/// Queues kept in [`QUEUES_KEY`]: a reloaded configuration leaves the old
+/// workers' queues behind, and only the newest are notified.
+const QUEUES_KEPT: usize = 64;
+
+/// The queue ids in a [`QUEUES_KEY`] value (little-endian `u32`s).
+pub fn queue_ids(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .filter_map(|c| c.try_into().ok().map(u32::from_le_bytes))
+}
+
+/// A [`QUEUES_KEY`] value with `id` added, the oldest dropped past the cap.
+pub fn with_queue(bytes: Option<&[u8]>, id: u32) -> Vec<u8> {
+    let mut ids: Vec<u32> = queue_ids(bytes.unwrap_or_default())
+        .filter(|held| *held != id)
+        .collect();
+    ids.push(id);
+    let skip = ids.len().saturating_sub(QUEUES_KEPT);
+    ids[skip..].iter().flat_map(|id| id.to_le_bytes()).collect()
+}
+
 /// Updates the log remembers; a worker further behind reloads everything.
 const LOG_UPDATES: usize = 64;
 /// Names the log holds at most; an update naming more makes workers reload.
@@ -370,6 +394,24 @@ mod tests {
             held.digest().value(),
             digest_of(&[("a", 1)]),
             "nothing applied"
+        );
+    }
+
+    #[test]
+    fn queues_are_listed_once_and_capped() {
+        let mut value = with_queue(None, 7);
+        value = with_queue(Some(&value), 7);
+        assert_eq!(queue_ids(&value).collect::<Vec<_>>(), [7]);
+        for id in 0..100 {
+            value = with_queue(Some(&value), id);
+        }
+        let ids: Vec<u32> = queue_ids(&value).collect();
+        assert_eq!(ids.len(), QUEUES_KEPT);
+        assert_eq!(ids.last(), Some(&99));
+        assert_eq!(
+            queue_ids(&[1, 2, 3]).count(),
+            0,
+            "a torn value names nothing"
         );
     }
 

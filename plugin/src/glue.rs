@@ -6,15 +6,19 @@
 //!
 //! Per call the router makes two host calls: the header that names the
 //! service and the override (filter state or header); a failed call
-//! (a trailers-only reply) adds the read of its `grpc-status`. Whether the
-//! tables changed is checked on the worker's tick, not per call, and
+//! (a trailers-only reply) adds the read of its `grpc-status`. New tables
+//! reach a worker through a notice on its own shared queue (and a slow
+//! tick catches a notice missed), never through a check per call, and
 //! everything else happens only when something changed.
 
 use crate::config::{
     HostOverride, NoopCall as NoopCallKind, NoopConfig, OutlierConfig, PluginConfig, PollerConfig,
     RouterConfig, ServiceFrom,
 };
-use crate::feed::{index_names, service_key, ChangeLog, PollerTables, CHANGES_KEY, INDEX_KEY};
+use crate::feed::{
+    index_names, queue_ids, service_key, with_queue, ChangeLog, PollerTables, CHANGES_KEY,
+    INDEX_KEY, QUEUES_KEY,
+};
 use crate::filter_state::{original_dst_arguments, support_probes, SET_FILTER_STATE};
 use crate::naming::{service_from_authority, service_from_grpc_path};
 use crate::outlier::{is_failure, Ejections, FailureCounter};
@@ -201,8 +205,19 @@ impl RootContext for MeshRoot {
                 if config.host_override == HostOverride::FilterState && !envoy_supports_override() {
                     return false;
                 }
-                let tick = Duration::from_millis(u64::from(config.refresh_ms));
-                (Role::Router(Router::new(config)), tick)
+                let mut tick = Duration::from_millis(u64::from(config.refresh_ms));
+                let router = Router::new(config);
+                match register_worker_queue() {
+                    Ok(id) => router.queue.set(Some(id)),
+                    Err(e) => {
+                        log(
+                            LogLevel::Warn,
+                            &format!("etcd-mesh: {e}; checking for new tables every {UNNOTIFIED_REFRESH:?} instead"),
+                        );
+                        tick = tick.min(UNNOTIFIED_REFRESH);
+                    }
+                }
+                (Role::Router(router), tick)
             }
             PluginConfig::Noop(config) => {
                 (Role::Noop(Rc::new(NoopCall::new(config))), Duration::ZERO)
@@ -221,6 +236,12 @@ impl RootContext for MeshRoot {
             Some(Role::Poller(poller)) => poller.on_tick(),
             Some(Role::Router(router)) => router.on_tick(),
             Some(Role::Noop(_)) | None => {}
+        }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Some(Role::Router(router)) = &self.role {
+            router.on_notice(queue_id);
         }
     }
 
@@ -366,6 +387,9 @@ impl Poller {
                 .map(drop)
                 .map_err(|status| format!("shared data refused the version: {status:?}"))
         })();
+        if written.is_ok() {
+            notify_workers();
+        }
         if let Err(e) = written {
             // Start over from a full answer, which rewrites every service.
             self.tables.forget_cursor();
@@ -408,17 +432,27 @@ struct Router {
     no_endpoint: Metric,
     ejections: Metric,
     refresh_us: Metric,
+    notices: Metric,
+    /// The queue the poller notifies this worker on.
+    queue: Cell<Option<u32>>,
     /// When the counters were last flushed.
     flushed: SystemTime,
 }
 
-/// Shared-data key counting the router VMs started, so each has a number.
+/// Shared-data key counting the router VMs that route, so each has a
+/// number for its gauges.
 const WORKER_COUNT_KEY: &str = "etcd-mesh/workers";
+/// Shared-data key counting the router VMs configured, so each has a queue
+/// name of its own (registering a name twice replaces the first).
+const QUEUE_COUNT_KEY: &str = "etcd-mesh/queue-names";
+/// How often a worker whose notification queue could not be registered
+/// checks for new tables.
+const UNNOTIFIED_REFRESH: Duration = Duration::from_millis(5);
 
-/// This VM's number among the router VMs of the Envoy (from 0).
-fn worker_number() -> u64 {
+/// The next number of the counter under `key` (from 0).
+fn next_number(key: &str) -> u64 {
     let taken = Cell::new(0);
-    let counted = update_shared(WORKER_COUNT_KEY, |bytes| {
+    let counted = update_shared(key, |bytes| {
         let count = bytes
             .and_then(|b| b.try_into().ok())
             .map_or(0, u64::from_le_bytes);
@@ -428,10 +462,30 @@ fn worker_number() -> u64 {
     if counted.is_err() {
         log(
             LogLevel::Warn,
-            "etcd-mesh: cannot number this worker; its gauges may be shared",
+            &format!("etcd-mesh: cannot count {key:?}; numbers may repeat"),
         );
     }
     taken.get()
+}
+
+/// Registers this worker's notification queue and lists it for the poller.
+fn register_worker_queue() -> Result<u32, String> {
+    let name = format!("etcd-mesh/queue/{}", next_number(QUEUE_COUNT_KEY));
+    let id = hostcalls::register_shared_queue(&name)
+        .map_err(|status| format!("cannot register the queue {name:?}: {status:?}"))?;
+    update_shared(QUEUES_KEY, |bytes| Some(with_queue(bytes, id)))
+        .map_err(|status| format!("cannot list the queue {name:?}: {status:?}"))?;
+    Ok(id)
+}
+
+/// Tells every worker that the version moved (best effort: a worker that
+/// misses it catches up on its tick).
+fn notify_workers() {
+    if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(QUEUES_KEY) {
+        for id in queue_ids(&bytes) {
+            let _ = hostcalls::enqueue_shared_queue(id, Some(&[]));
+        }
+    }
 }
 
 /// What the calls of one worker share.
@@ -474,8 +528,21 @@ impl Router {
             no_endpoint: Metric::define(MetricType::Counter, "etcd_mesh.calls_no_endpoint"),
             ejections: Metric::define(MetricType::Counter, "etcd_mesh.ejections"),
             refresh_us: Metric::define(MetricType::Gauge, "etcd_mesh.table_refresh_us"),
+            notices: Metric::define(MetricType::Counter, "etcd_mesh.table_notices"),
+            queue: Cell::new(None),
             flushed: UNIX_EPOCH,
         }
+    }
+
+    /// The poller (or an ejecting worker) says the version moved: drain
+    /// the queue, then refresh at once.
+    fn on_notice(&self, queue_id: u32) {
+        if self.queue.get() != Some(queue_id) {
+            return;
+        }
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        self.notices.add(1);
+        self.shared.refresh();
     }
 
     fn call(&self) -> RouteCall {
@@ -577,7 +644,7 @@ impl WorkerState {
         }
         tables.set_seq(changes.latest());
         let (revision, digest) = self.worker_gauges.get().unwrap_or_else(|| {
-            let worker = worker_number();
+            let worker = next_number(WORKER_COUNT_KEY);
             let gauge = |what: &str| {
                 Metric::define(
                     MetricType::Gauge,
@@ -653,11 +720,12 @@ impl WorkerState {
             ),
         );
         self.ejections.set(self.ejections.get() + 1);
-        if let Err(e) = bump_version(|v| v.ejections = v.ejections.wrapping_add(1)) {
-            log(
+        match bump_version(|v| v.ejections = v.ejections.wrapping_add(1)) {
+            Ok(_) => notify_workers(),
+            Err(e) => log(
                 LogLevel::Error,
                 &format!("etcd-mesh: cannot publish an ejection: {e:?}"),
-            );
+            ),
         }
     }
 }

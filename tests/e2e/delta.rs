@@ -128,6 +128,13 @@ async fn a_thousand_changes_through_restarts_end_with_the_tables_of_a_full_snaps
         .await
         .unwrap_or(0);
     assert!(deltas >= 100, "{deltas} deltas applied");
+    // Workers learn of updates from the poller's notices, not their tick.
+    let notices = mesh
+        .envoy
+        .stat("wasmcustom.etcd_mesh.table_notices")
+        .await
+        .unwrap_or(0);
+    assert!(notices >= 100, "{notices} notices taken by the workers");
     assert_eq!(
         fulls, 2,
         "the first load and the sync-server restart reload, nothing else"
