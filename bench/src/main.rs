@@ -85,16 +85,16 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
+    let cost_options = cost::CostOptions {
+        rounds: cli.rounds,
+        calls: cli.calls,
+        clients: cli.clients,
+        streams: cli.streams,
+        latency_calls: cli.latency_calls,
+        latency_rps: cli.latency_rps,
+    };
     let (cost, propagation, split) = if cli.cost_only {
-        let cost = cost::run(&cost::CostOptions {
-            rounds: cli.rounds,
-            calls: cli.calls,
-            clients: cli.clients,
-            streams: cli.streams,
-            latency_calls: cli.latency_calls,
-            latency_rps: cli.latency_rps,
-        })
-        .await?;
+        let cost = cost::run(&cost_options).await?;
         (cost, last["propagation"].clone(), last["split"].clone())
     } else if cli.scale_only {
         (
@@ -103,15 +103,7 @@ async fn main() -> anyhow::Result<()> {
             last["split"].clone(),
         )
     } else {
-        let cost = cost::run(&cost::CostOptions {
-            rounds: cli.rounds,
-            calls: cli.calls,
-            clients: cli.clients,
-            streams: cli.streams,
-            latency_calls: cli.latency_calls,
-            latency_rps: cli.latency_rps,
-        })
-        .await?;
+        let cost = cost::run(&cost_options).await?;
         eprintln!("cost done");
         let propagation = traffic::propagation(cli.cycles).await?;
         eprintln!("propagation done");

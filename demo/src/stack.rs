@@ -273,6 +273,90 @@ pub struct EtcdTlsFiles {
     pub key: PathBuf,
 }
 
+impl EtcdTlsFiles {
+    /// Makes, with openssl, a CA and server and client certificates for
+    /// 127.0.0.1 signed by it, under `dir` (`client.pem`, `client.key`
+    /// beside the returned server files).
+    pub fn make(dir: &Path) -> Result<EtcdTlsFiles, String> {
+        let run = |args: &[&str]| -> Result<(), String> {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .map_err(|e| format!("openssl: {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "openssl {args:?}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                ))
+            }
+        };
+        std::fs::write(
+            dir.join("san.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .map_err(|e| e.to_string())?;
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=etcd-mesh test CA",
+        ])?;
+        for name in ["server", "client"] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={name}"),
+            ])?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                "san.cnf",
+            ])?;
+        }
+        Ok(EtcdTlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        })
+    }
+}
+
 impl Etcd {
     /// Starts etcd on free ports under `dir`.
     pub async fn start(dir: &Path) -> Result<Etcd, String> {

@@ -533,81 +533,10 @@ async fn cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         .expect("the CLI runs")
 }
 
-/// A CA, and server and client certificates for 127.0.0.1 signed by it
-/// (as sync-server's tests make them).
-fn make_certificates(dir: &std::path::Path) -> EtcdTlsFiles {
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            status.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("san.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .expect("write");
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=etcd-mesh test CA",
-    ]);
-    for name in ["server", "client"] {
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        let subject = format!("/CN={name}");
-        run(&[
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-            &subject,
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "1",
-            "-extfile",
-            "san.cnf",
-        ]);
-    }
-    EtcdTlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_library_and_the_cli_reach_etcd_over_tls_with_a_client_certificate() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let files = make_certificates(dir.path());
+    let files = EtcdTlsFiles::make(dir.path()).expect("certificates");
     let etcd = Etcd::start_tls(dir.path(), files.clone())
         .await
         .expect("etcd with TLS");

@@ -509,78 +509,6 @@ async fn a_bearer_token_guards_the_api_but_not_the_probes() {
     server.shutdown().await;
 }
 
-/// A CA, and server and client certificates for 127.0.0.1 signed by it.
-fn make_certificates(dir: &Path) -> EtcdTlsFiles {
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            status.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("san.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .expect("write");
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=etcd-mesh test CA",
-    ]);
-    for name in ["server", "client"] {
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "1",
-            "-extfile",
-            "san.cnf",
-        ]);
-    }
-    EtcdTlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    }
-}
-
 fn spawn_binary(dir: &Path, args: &[&str]) -> (SocketAddr, Proc) {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port().expect("port")));
     let mut command = Command::new(env!("CARGO_BIN_EXE_sync-server"));
@@ -617,7 +545,7 @@ async fn binary_ready(addr: SocketAddr, proc: &Proc) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_client_certificate() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let tls = make_certificates(dir.path());
+    let tls = EtcdTlsFiles::make(dir.path()).expect("certificates");
     let etcd = Etcd::start_tls(dir.path(), tls.clone())
         .await
         .expect("etcd with TLS");
