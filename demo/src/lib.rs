@@ -1,13 +1,13 @@
 //! The demo side of etcd-mesh: a tonic `demo.Echo` backend that registers
 //! itself in etcd, a client that counts which backend served each call, and
-//! [`stack`], which starts etcd, sync-server and Envoy on loopback for
-//! `make run` and the end-to-end tests.
+//! [`stack`], the loopback test kit (`etcd-mesh-testkit`) that starts etcd
+//! and Envoy for `make run` and the end-to-end tests.
 
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod client;
-pub mod stack;
+pub use etcd_mesh_testkit as stack;
 
 /// The generated `demo` protobuf and gRPC code.
 pub mod proto {

@@ -4,8 +4,8 @@
 //! and user authentication, and a member that does not answer.
 
 use etcd_client::Client;
-use etcd_mesh_demo::stack::{free_port, wait_for, Etcd, EtcdCluster, EtcdTlsFiles, Proc};
 use etcd_mesh_registration::{admin, EtcdOptions, EtcdTls, Instance, Registration, State};
+use etcd_mesh_testkit::{free_port, wait_for, Etcd, EtcdCluster, EtcdTlsFiles, Proc};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

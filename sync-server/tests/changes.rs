@@ -7,13 +7,12 @@ use etcd_client::{Client, GetOptions};
 mod common;
 
 use common::{naming, Server, DEADLINE};
-use etcd_mesh_demo::stack::{http_get, wait_for, Etcd};
+use etcd_mesh_testkit::{http_get, wait_for, Etcd};
 use etcd_mesh_wire::{Changes, Digest, Service};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use sync_server::etcd::EtcdOptions;
 use sync_server::publish::HistoryLimits;
 use sync_server::Config;
 
@@ -35,10 +34,7 @@ async fn ready_server(config: Config) -> Server {
 }
 
 fn config(etcd: &Etcd, watches: &[&str], history: usize) -> Config {
-    let mut config = Config::new(
-        EtcdOptions::new(vec![etcd.endpoint()]),
-        watches.iter().map(|w| w.parse().expect("spec")).collect(),
-    );
+    let mut config = common::config(etcd, watches);
     config.history = HistoryLimits {
         changes: history,
         ..HistoryLimits::default()

@@ -1,7 +1,7 @@
 //! The sync-server binary against a real etcd: its command line, the
 //! snapshot it serves, and a clean exit on SIGTERM.
 
-use etcd_mesh_demo::stack::{free_port, http_get, wait_for, Etcd, Proc};
+use etcd_mesh_testkit::{free_port, http_get, wait_for, Etcd, Proc};
 use etcd_mesh_wire::Snapshot;
 use std::net::SocketAddr;
 use std::process::Command;

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
-use etcd_mesh_demo::stack::{fetch_snapshot, http_get, prometheus_value, wait_for, wait_ready};
+use etcd_mesh_testkit::{fetch_snapshot, http_get, prometheus_value, wait_for, wait_ready};
 use etcd_mesh_wire::Snapshot;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,6 +16,21 @@ pub fn naming(addr: &str, weight: u32) -> String {
     etcd_mesh_registration::Instance::new("", "", addr)
         .with_weight(weight)
         .value()
+}
+
+/// sync-server's configuration for the etcd at `etcd`, watching `watches`.
+pub fn config(etcd: &etcd_mesh_testkit::Etcd, watches: &[&str]) -> Config {
+    Config::new(
+        sync_server::etcd::EtcdOptions::new(vec![etcd.endpoint()]),
+        watches.iter().map(|w| w.parse().expect("spec")).collect(),
+    )
+}
+
+/// A client of the etcd at `etcd`.
+pub async fn client(etcd: &etcd_mesh_testkit::Etcd) -> etcd_client::Client {
+    etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("connect etcd")
 }
 
 /// How long any start-up or change may take before a test fails.

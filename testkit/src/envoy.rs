@@ -1,0 +1,265 @@
+//! Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`, and where
+//! the binaries of the checkout are.
+
+use crate::{free_port, http_get, wait_for, Proc};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The root of the etcd-mesh checkout.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The Envoy binary: `$ETCD_MESH_ENVOY` (the Makefile sets it to the venv of
+/// `ENVOY_VERSION`), or the project's own venv with the default version.
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("ETCD_MESH_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"))
+}
+
+/// The plugin: `$ETCD_MESH_WASM`, or the release build.
+pub fn wasm_path() -> PathBuf {
+    std::env::var_os("ETCD_MESH_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root().join("target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm")
+        })
+}
+
+/// How to start Envoy.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    /// The gRPC listener; 0 picks a free port.
+    pub listen_port: u16,
+    /// The admin interface; 0 picks a free port.
+    pub admin_port: u16,
+    /// The sync-server replicas the plugin polls.
+    pub sync_servers: Vec<SocketAddr>,
+    pub concurrency: u32,
+    /// The HTTP filter's plugin configuration, if not the template's.
+    pub router_config: Option<String>,
+    /// Let the ORIGINAL_DST cluster obey `x-envoy-original-dst-host` (for a
+    /// router configured with `"host_override": "header"`).
+    pub header_override: bool,
+    /// The poller's configuration JSON, if not the template's.
+    pub poller_config: Option<String>,
+}
+
+impl Default for EnvoyOptions {
+    fn default() -> Self {
+        EnvoyOptions {
+            listen_port: 0,
+            admin_port: 0,
+            sync_servers: vec![],
+            concurrency: 2,
+            router_config: None,
+            header_override: false,
+            poller_config: None,
+        }
+    }
+}
+
+/// The router configuration as the template writes it.
+const TEMPLATE_ROUTER_CONFIG: &str = r#"'{"role": "router"}'"#;
+/// The poller configuration as the template writes it.
+const TEMPLATE_POLLER_CONFIG: &str = r#"'{"role": "poller", "cluster": "etcd_mesh_sync", "authority": "sync-server", "wait_seconds": 30}'"#;
+
+/// Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`.
+#[derive(Debug)]
+pub struct Envoy {
+    proc: Proc,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+}
+
+/// The Envoy configuration template, with `{{...}}` placeholders.
+pub fn envoy_template_path() -> PathBuf {
+    workspace_root().join("envoy/etcd-mesh.yaml")
+}
+
+/// `addrs` as the YAML flow list of an Envoy `lb_endpoints`.
+pub fn lb_endpoints_yaml(addrs: &[SocketAddr]) -> String {
+    let endpoints: Vec<String> = addrs
+        .iter()
+        .map(|a| {
+            format!(
+                "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    format!("[{}]", endpoints.join(", "))
+}
+
+/// Fills in the template's placeholders.
+pub fn render_envoy_config(
+    template: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    sync_servers: &[SocketAddr],
+    wasm: &Path,
+) -> String {
+    let endpoints = lb_endpoints_yaml(sync_servers);
+    template
+        .replace("{{LISTEN_ADDRESS}}", &listen.ip().to_string())
+        .replace("{{LISTEN_PORT}}", &listen.port().to_string())
+        .replace("{{ADMIN_ADDRESS}}", &admin.ip().to_string())
+        .replace("{{ADMIN_PORT}}", &admin.port().to_string())
+        .replace("{{SYNC_ENDPOINTS}}", &endpoints)
+        .replace("{{WASM_PATH}}", &wasm.display().to_string())
+}
+
+impl Envoy {
+    pub async fn start(dir: &Path, options: EnvoyOptions) -> Result<Envoy, String> {
+        let pick = |port: u16| {
+            if port == 0 {
+                free_port().map_err(|e| e.to_string())
+            } else {
+                Ok(port)
+            }
+        };
+        let wasm = wasm_path();
+        if !wasm.exists() {
+            return Err(format!("no plugin at {}: run `make build`", wasm.display()));
+        }
+        let template = std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
+        // A port picked here was free when picked, not necessarily when Envoy
+        // binds it (an outgoing connection can take it in between): then
+        // Envoy exits at once, and fresh ports are picked.
+        let picked = options.listen_port == 0 || options.admin_port == 0;
+        let mut tries_left = if picked { 3 } else { 1 };
+        loop {
+            let listen = SocketAddr::from(([127, 0, 0, 1], pick(options.listen_port)?));
+            let admin = SocketAddr::from(([127, 0, 0, 1], pick(options.admin_port)?));
+            let mut rendered =
+                render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
+            if let Some(router) = &options.router_config {
+                rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
+            }
+            if let Some(poller) = &options.poller_config {
+                rendered = rendered.replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
+            }
+            if options.header_override {
+                rendered = rendered.replace("use_http_header: false", "use_http_header: true");
+            }
+            tries_left -= 1;
+            match Self::start_rendered(dir, &rendered, listen, admin, options.concurrency).await {
+                Err(e) if tries_left > 0 && e.contains("Address already in use") => continue,
+                started => return started,
+            }
+        }
+    }
+
+    /// Starts Envoy with a configuration already rendered, listening on
+    /// `listen` with its admin on `admin`.
+    pub async fn start_rendered(
+        dir: &Path,
+        rendered: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        concurrency: u32,
+    ) -> Result<Envoy, String> {
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, rendered).map_err(|e| e.to_string())?;
+        let mut command = Command::new(envoy_bin());
+        command
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "warn"]);
+        let proc =
+            Proc::spawn("envoy", command, dir.join("envoy.log")).map_err(|e| e.to_string())?;
+        let mut envoy = Envoy {
+            proc,
+            listen,
+            admin,
+            config,
+        };
+        // Ready, or gone (a configuration Envoy refuses): whichever comes first.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if envoy.proc.exited() {
+                return Err(format!("Envoy exited\n{}", envoy.proc.log_tail(30)));
+            }
+            if let Ok((200, _)) = http_get(admin, "/ready").await {
+                return Ok(envoy);
+            }
+            if Instant::now() >= deadline {
+                let tail = envoy.proc.log_tail(30);
+                return Err(format!(
+                    "timed out after 30s waiting for Envoy /ready\n{tail}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A stat from the admin interface (`wasmcustom.etcd_mesh.*` for the
+    /// plugin's own), or `None` if Envoy has not created it yet.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let (status, body) = http_get(self.admin, &format!("/stats?filter=^{name}$"))
+            .await
+            .ok()?;
+        if status != 200 {
+            return None;
+        }
+        body.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Every stat whose name matches the regular expression `pattern`.
+    pub async fn stats_matching(&self, pattern: &str) -> Vec<(String, u64)> {
+        let Ok((200, body)) = http_get(self.admin, &format!("/stats?filter={pattern}")).await
+        else {
+            return Vec::new();
+        };
+        body.lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(": ")?;
+                Some((name.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Waits until the plugin holds tables at `revision` or newer: the
+    /// poller, and every worker (each reads new tables on its tick).
+    pub async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> Result<(), String> {
+        wait_for(
+            &format!("the plugin's poller and workers to hold revision {revision}"),
+            timeout,
+            || async move {
+                let held = self.stat("wasmcustom.etcd_mesh.table_revision").await?;
+                let workers = self
+                    .stats_matching("^wasmcustom.etcd_mesh.worker_[0-9]*.table_revision$")
+                    .await;
+                (held >= revision
+                    && !workers.is_empty()
+                    && workers.iter().all(|(_, r)| *r >= revision))
+                .then_some(())
+            },
+        )
+        .await
+        .map_err(|e| format!("{e}\n{}", self.proc.log_tail(30)))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+}
