@@ -114,6 +114,25 @@ impl EtcdTlsFiles {
 }
 
 impl Etcd {
+    /// A member not started yet: the one place an [`Etcd`] is made.
+    fn unstarted(
+        dir: &Path,
+        client_port: u16,
+        peer_port: u16,
+        name: String,
+        tls: Option<EtcdTlsFiles>,
+    ) -> Etcd {
+        Etcd {
+            proc: None,
+            client: SocketAddr::from(([127, 0, 0, 1], client_port)),
+            peer: SocketAddr::from(([127, 0, 0, 1], peer_port)),
+            dir: dir.to_path_buf(),
+            tls,
+            name,
+            cluster: None,
+        }
+    }
+
     /// Starts etcd on free ports under `dir`.
     pub async fn start(dir: &Path) -> Result<Etcd, String> {
         let port = |_| free_port().map_err(|e| e.to_string());
@@ -122,15 +141,7 @@ impl Etcd {
 
     /// Starts etcd on the given client and peer ports under `dir`.
     pub async fn start_on(dir: &Path, client_port: u16, peer_port: u16) -> Result<Etcd, String> {
-        let mut etcd = Etcd {
-            proc: None,
-            client: SocketAddr::from(([127, 0, 0, 1], client_port)),
-            peer: SocketAddr::from(([127, 0, 0, 1], peer_port)),
-            dir: dir.to_path_buf(),
-            tls: None,
-            name: "mesh".into(),
-            cluster: None,
-        };
+        let mut etcd = Self::unstarted(dir, client_port, peer_port, "mesh".into(), None);
         etcd.launch().await?;
         Ok(etcd)
     }
@@ -138,15 +149,7 @@ impl Etcd {
     /// Starts etcd on free ports, serving clients over TLS only.
     pub async fn start_tls(dir: &Path, tls: EtcdTlsFiles) -> Result<Etcd, String> {
         let port = || free_port().map_err(|e| e.to_string());
-        let mut etcd = Etcd {
-            proc: None,
-            client: SocketAddr::from(([127, 0, 0, 1], port()?)),
-            peer: SocketAddr::from(([127, 0, 0, 1], port()?)),
-            dir: dir.to_path_buf(),
-            tls: Some(tls),
-            name: "mesh".into(),
-            cluster: None,
-        };
+        let mut etcd = Self::unstarted(dir, port()?, port()?, "mesh".into(), Some(tls));
         etcd.launch().await?;
         Ok(etcd)
     }
@@ -256,15 +259,13 @@ impl EtcdCluster {
         let port = || free_port().map_err(|e| e.to_string());
         let mut members = Vec::with_capacity(size);
         for i in 0..size {
-            members.push(Etcd {
-                proc: None,
-                client: SocketAddr::from(([127, 0, 0, 1], port()?)),
-                peer: SocketAddr::from(([127, 0, 0, 1], port()?)),
-                dir: dir.to_path_buf(),
-                tls: None,
-                name: format!("member{i}"),
-                cluster: None,
-            });
+            members.push(Etcd::unstarted(
+                dir,
+                port()?,
+                port()?,
+                format!("member{i}"),
+                None,
+            ));
         }
         let cluster: Vec<String> = members
             .iter()

@@ -6,7 +6,7 @@ use etcd_mesh_demo::client::say;
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
-use etcd_mesh_e2e::{start_sync_server_on, Backend, BackgroundLoad, Mesh, DEADLINE};
+use etcd_mesh_e2e::{settle_on, start_sync_server_on, Backend, BackgroundLoad, Mesh, DEADLINE};
 use etcd_mesh_registration::Instance;
 use etcd_mesh_wire::Snapshot;
 use std::collections::BTreeSet;
@@ -26,22 +26,6 @@ fn addrs(snapshot: &Snapshot) -> BTreeSet<String> {
         .get(DEMO_SERVICE)
         .map(|s| s.endpoints.iter().map(|e| e.addr.clone()).collect())
         .unwrap_or_default()
-}
-
-/// Waits until sync-server at `sync` lists exactly `want` and the plugin
-/// holds that revision.
-async fn settle_on(sync: SocketAddr, envoy: &Envoy, want: &[SocketAddr]) {
-    let want: BTreeSet<String> = want.iter().map(ToString::to_string).collect();
-    let revision = wait_for("sync-server to list the backends", DEADLINE, || async {
-        let snapshot = listed(sync).await?;
-        (addrs(&snapshot) == want && !snapshot.stale).then_some(snapshot.revision)
-    })
-    .await
-    .expect("listed");
-    envoy
-        .wait_for_revision(revision, DEADLINE)
-        .await
-        .expect("the plugin follows");
 }
 
 async fn wait_until_served(client: &etcd_mesh_demo::client::Client, addr: SocketAddr) {

@@ -68,23 +68,7 @@ impl Mesh {
     /// Waits until sync-server lists exactly `addrs` for the demo service
     /// and the plugin in Envoy holds that revision.
     pub async fn settle(&self, addrs: &[SocketAddr]) {
-        let mut want: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-        want.sort();
-        let revision = wait_for("sync-server to list the backends", DEADLINE, || async {
-            let snapshot = self.snapshot().await?;
-            let listed: Vec<String> = snapshot
-                .services
-                .get(DEMO_SERVICE)
-                .map(|s| s.endpoints.iter().map(|e| e.addr.clone()).collect())
-                .unwrap_or_default();
-            (listed == want).then_some(snapshot.revision)
-        })
-        .await
-        .expect("sync-server lists the backends");
-        self.envoy
-            .wait_for_revision(revision, DEADLINE)
-            .await
-            .expect("the plugin takes the snapshot");
+        settle_on(self.sync_addr, &self.envoy, addrs).await;
     }
 
     /// `n` clients of Envoy's gRPC listener, each on its own connection.
@@ -132,6 +116,28 @@ impl Drop for Mesh {
     fn drop(&mut self) {
         self.sync_stop.cancel();
     }
+}
+
+/// Waits until the sync-server at `sync` lists exactly `want` for the demo
+/// service (fresh, not stale) and `envoy`'s plugin holds that revision.
+pub async fn settle_on(sync: SocketAddr, envoy: &Envoy, want: &[SocketAddr]) {
+    let mut want: Vec<String> = want.iter().map(ToString::to_string).collect();
+    want.sort();
+    let revision = wait_for("sync-server to list the backends", DEADLINE, || async {
+        let snapshot = fetch_snapshot(sync).await?;
+        let listed: Vec<String> = snapshot
+            .services
+            .get(DEMO_SERVICE)
+            .map(|s| s.endpoints.iter().map(|e| e.addr.clone()).collect())
+            .unwrap_or_default();
+        (listed == want && !snapshot.stale).then_some(snapshot.revision)
+    })
+    .await
+    .expect("sync-server lists the backends");
+    envoy
+        .wait_for_revision(revision, DEADLINE)
+        .await
+        .expect("the plugin takes the snapshot");
 }
 
 /// Runs sync-server in this runtime, watching the demo prefix.
