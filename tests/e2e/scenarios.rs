@@ -1,13 +1,13 @@
 //! What production does to the mesh, each under a bounded load of calls
 //! through Envoy that must not see a single failure.
 
-use etcd_client::{Client as EtcdClient, PutOptions};
+use etcd_client::Client as EtcdClient;
 use etcd_mesh_demo::client::say;
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_e2e::{settle_on, start_sync_server_on, Backend, BackgroundLoad, Mesh, DEADLINE};
-use etcd_mesh_registration::Instance;
+use etcd_mesh_registration::{admin, Instance};
 use etcd_mesh_wire::Snapshot;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -180,15 +180,10 @@ async fn etcd_restarted_under_load() {
 /// `etcd-mesh-register set-weight` does.
 async fn set_weight(etcd: &[String], addr: SocketAddr, weight: u32) {
     let mut client = EtcdClient::connect(etcd, None).await.expect("etcd");
-    let instance = Instance::new(DEMO_PREFIX, DEMO_SERVICE, &addr.to_string()).with_weight(weight);
-    client
-        .put(
-            instance.key(),
-            instance.value(),
-            Some(PutOptions::new().with_ignore_lease()),
-        )
+    let key = Instance::new(DEMO_PREFIX, DEMO_SERVICE, &addr.to_string()).key();
+    admin::set_weight(&mut client, &key, weight)
         .await
-        .expect("put");
+        .expect("set-weight");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
-//! The HTTP contract of the change feed, in process: `app(state)` driven
-//! with `oneshot`, no socket and no etcd, with paused time for long-polls.
+//! The HTTP contract v1, in process: `app(state)` driven with `oneshot`, no
+//! socket and no etcd, with paused time for long-polls. The snapshot (ETag,
+//! If-None-Match, long-poll), one service, errors, and the change feed.
 
 use axum::body::{to_bytes, Body};
 use axum::http::{header, Request, StatusCode};
@@ -51,7 +52,19 @@ fn state() -> (AppState, Publisher) {
 }
 
 async fn get(app: &Router, path: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let request = Request::get(path).body(Body::empty()).expect("request");
+    get_with(app, path, &[]).await
+}
+
+async fn get_with(
+    app: &Router,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut request = Request::get(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Body::empty()).expect("request");
     let response = app.clone().oneshot(request).await.expect("infallible");
     let (parts, body) = response.into_parts();
     let body = to_bytes(body, usize::MAX).await.expect("body");
@@ -171,4 +184,98 @@ async fn bad_change_queries_get_400_with_the_reason() {
         let body = String::from_utf8_lossy(&body);
         assert!(body.contains(reason), "{query}: {body}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn snapshots_have_etags_and_long_polls_wait_for_a_newer_revision() {
+    let (state, publisher) = state();
+    let app = app(state);
+    let (status, headers, body) = get(&app, "/v1/snapshot").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::ETAG], "\"10\"");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    let snapshot = Snapshot::decode(&body).expect("valid");
+    assert_eq!((snapshot.revision, snapshot.services.len()), (10, 2));
+    let (status, _, body) = get_with(&app, "/v1/snapshot", &[("if-none-match", "\"10\"")]).await;
+    assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+    let (status, _, _) = get_with(&app, "/v1/snapshot", &[("if-none-match", "\"9\"")]).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Held until a newer revision, then the whole snapshot.
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/v1/snapshot?since=10&wait=30").await }
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!held.is_finished());
+    publisher.publish_change(11, commit(&["b"]), tables(&[("a", 1), ("b", 3)]));
+    let (status, headers, body) = held.await.expect("joined");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::ETAG], "\"11\"");
+    assert_eq!(Snapshot::decode(&body).expect("valid").revision, 11);
+    // Newer already: at once; nothing newer: 304 when `wait` runs out.
+    assert_eq!(
+        get(&app, "/v1/snapshot?since=3&wait=30").await.0,
+        StatusCode::OK
+    );
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        get(&app, "/v1/snapshot?since=11&wait=7").await.0,
+        StatusCode::NOT_MODIFIED
+    );
+    assert_eq!(started.elapsed(), Duration::from_secs(7));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_held_long_polls_at_once() {
+    let (state, _publisher) = state();
+    let shutdown = state.shutdown.clone();
+    let app = app(state);
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/v1/snapshot?since=10&wait=300").await.0 }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = tokio::time::Instant::now();
+    shutdown.cancel();
+    assert_eq!(held.await.expect("joined"), StatusCode::NOT_MODIFIED);
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn services_errors_and_probes() {
+    let (state, _publisher) = state();
+    let app = app(state);
+    let (status, _, body) = get(&app, "/v1/services/b").await;
+    assert_eq!(status, StatusCode::OK);
+    let service: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(service["endpoints"][0]["addr"], "127.0.0.1:2");
+    assert_eq!(
+        (service["name"].as_str(), service["revision"].as_u64()),
+        (Some("b"), Some(10))
+    );
+    assert_eq!(
+        get(&app, "/v1/services/nope").await.0,
+        StatusCode::NOT_FOUND
+    );
+    for bad in [
+        "/v1/snapshot?since=-1",
+        "/v1/snapshot?wait=3",
+        "/v1/snapshot?what=1",
+    ] {
+        let (status, _, body) = get(&app, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(body.starts_with(b"{\"error\""), "{bad}");
+    }
+    let (status, _, body) = get(&app, "/v2/anything").await;
+    assert_eq!(
+        (status, body.starts_with(b"{\"error\"")),
+        (StatusCode::NOT_FOUND, true)
+    );
+    assert_eq!(get(&app, "/healthz").await.0, StatusCode::OK);
+    // Not ready until a listing from etcd (a published snapshot is not one).
+    assert_eq!(
+        get(&app, "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }
