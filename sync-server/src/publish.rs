@@ -210,11 +210,6 @@ impl Published {
             .clone()
     }
 
-    /// The snapshot as the wire type (a test, the metrics).
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot::decode(&self.snapshot_body()).unwrap_or_default()
-    }
-
     /// The change-feed answer for `cursor`, or `None` when the client
     /// already holds this revision.
     pub fn changes(&self, cursor: &Cursor) -> Option<Arc<Answer>> {
