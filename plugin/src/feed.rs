@@ -290,15 +290,10 @@ pub fn index_names(bytes: &[u8]) -> impl Iterator<Item = &str> {
 mod tests {
     use super::*;
     use etcd_mesh_wire::{Endpoint, Service};
-    use std::collections::BTreeMap;
 
     fn service(port: u16) -> Service {
         Service {
-            endpoints: vec![Endpoint {
-                addr: format!("127.0.0.1:{port}"),
-                weight: 1,
-                metadata: BTreeMap::new(),
-            }],
+            endpoints: vec![Endpoint::new(format!("127.0.0.1:{port}"), 1)],
         }
     }
 

@@ -18,9 +18,7 @@ pub mod filter_state;
 pub mod naming;
 pub mod outlier;
 pub mod poll;
-pub mod rng;
 pub mod tables;
-pub mod wrr;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

@@ -2,7 +2,7 @@
 //! with what.
 
 use crate::config::PollerConfig;
-use crate::rng::SplitMix64;
+use etcd_mesh_routing::rng::SplitMix64;
 use std::time::Duration;
 
 const FIRST_BACKOFF_MS: u64 = 100;

@@ -6,8 +6,8 @@
 //! one hash lookup and one pick.
 
 use crate::filter_state::original_dst_arguments;
-use crate::rng::SplitMix64;
-use crate::wrr::SmoothPicker;
+use etcd_mesh_routing::rng::SplitMix64;
+use etcd_mesh_routing::wrr::SmoothPicker;
 use etcd_mesh_wire::{Digest, Service};
 use std::collections::HashMap;
 

@@ -10,7 +10,6 @@
 
 use etcd_mesh_wire::{parse_addr, Endpoint, DEFAULT_WEIGHT, MAX_WEIGHT};
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -98,11 +97,7 @@ pub fn parse(spec: &WatchSpec, key: &[u8], value: &[u8]) -> Result<Registration,
         Format::OpenimV2 => {
             let addr = std::str::from_utf8(value).map_err(|_| "value is not UTF-8".to_owned())?;
             parse_addr(addr)?;
-            Endpoint {
-                addr: addr.to_owned(),
-                weight: DEFAULT_WEIGHT,
-                metadata: BTreeMap::new(),
-            }
+            Endpoint::new(addr, DEFAULT_WEIGHT)
         }
     };
     Ok(Registration {
@@ -142,11 +137,9 @@ fn parse_naming_value(value: &[u8]) -> Result<Endpoint, String> {
         None => DEFAULT_WEIGHT,
         Some(weight) => parse_weight(&weight)?,
     };
-    Ok(Endpoint {
-        addr: value.addr,
-        weight,
-        metadata: metadata.into_iter().collect(),
-    })
+    let mut endpoint = Endpoint::new(value.addr, weight);
+    endpoint.metadata = metadata.into_iter().collect();
+    Ok(endpoint)
 }
 
 /// A weight is an integer 0..=MAX_WEIGHT, as a JSON number or a string of

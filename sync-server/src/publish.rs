@@ -472,11 +472,7 @@ mod tests {
 
     fn service(port: u16, weight: u32) -> Service {
         Service {
-            endpoints: vec![Endpoint {
-                addr: format!("127.0.0.1:{port}"),
-                weight,
-                metadata: Default::default(),
-            }],
+            endpoints: vec![Endpoint::new(format!("127.0.0.1:{port}"), weight)],
         }
     }
 

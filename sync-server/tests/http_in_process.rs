@@ -19,11 +19,7 @@ fn tables(services: &[(&str, u16)]) -> Tables {
         services: services
             .iter()
             .map(|(name, port)| {
-                let endpoint = Endpoint {
-                    addr: format!("127.0.0.1:{port}"),
-                    weight: 1,
-                    metadata: Default::default(),
-                };
+                let endpoint = Endpoint::new(format!("127.0.0.1:{port}"), 1);
                 (
                     name.to_string(),
                     Service {

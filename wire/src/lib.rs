@@ -52,6 +52,70 @@ pub struct Endpoint {
     /// Free metadata from the registration (zone, version, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// What sync-server's active health checks found; absent when the
+    /// endpoint is not checked (it then takes calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// When this endpoint began taking calls, in Unix milliseconds of
+    /// sync-server's clock: when sync-server first saw it, or saw it pass
+    /// its health checks again. Absent for endpoints already registered
+    /// when sync-server started. Slow start ramps from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_since_ms: Option<u64>,
+}
+
+/// The result of an endpoint's active health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Its checks pass (`SERVING`).
+    Healthy,
+    /// Its checks fail: no answer, an error, or a timeout, as many times
+    /// in a row as the unhealthy threshold.
+    Unhealthy,
+    /// The application answers `NOT_SERVING`: it asks for no new calls.
+    NotServing,
+}
+
+impl Health {
+    /// Whether the endpoint takes calls (when any endpoint does).
+    pub fn takes_calls(self) -> bool {
+        self == Health::Healthy
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::NotServing => "not_serving",
+        }
+    }
+}
+
+/// The metadata key of an endpoint's zone.
+pub const ZONE_KEY: &str = "zone";
+
+impl Endpoint {
+    /// An endpoint with no metadata, health or start time.
+    pub fn new(addr: impl Into<String>, weight: u32) -> Self {
+        Endpoint {
+            addr: addr.into(),
+            weight,
+            metadata: BTreeMap::new(),
+            health: None,
+            serving_since_ms: None,
+        }
+    }
+
+    /// The zone the registration names (`metadata.zone`, a string).
+    pub fn zone(&self) -> Option<&str> {
+        self.metadata.get(ZONE_KEY).and_then(|z| z.as_str())
+    }
+
+    /// Whether health checks let it take calls (unchecked counts as yes).
+    pub fn checks_pass(&self) -> bool {
+        self.health.is_none_or(Health::takes_calls)
+    }
 }
 
 /// A registration that could not be understood.
@@ -262,11 +326,7 @@ mod tests {
     use super::*;
 
     fn endpoint(addr: &str, weight: u32) -> Endpoint {
-        Endpoint {
-            addr: addr.into(),
-            weight,
-            metadata: BTreeMap::new(),
-        }
+        Endpoint::new(addr, weight)
     }
 
     fn snapshot_with(endpoints: Vec<Endpoint>) -> Snapshot {
