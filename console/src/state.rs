@@ -1,0 +1,330 @@
+//! The tables the console holds: what the change feed (`/v1/changes`)
+//! answered, applied the way the plugin's poller applies it, and a short log
+//! of what each answer changed.
+//!
+//! An answer that does not fit what is held (a delta from another revision
+//! or epoch, a digest that disagrees) is refused whole and the held tables
+//! are dropped, so the next poll asks for everything.
+
+use etcd_mesh_wire::{Changes, Digest, Service};
+use std::collections::{BTreeMap, VecDeque};
+
+/// How many answers the change log keeps.
+pub const LOG_LEN: usize = 20;
+
+/// What one applied answer changed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogEntry {
+    pub revision: u64,
+    pub full: bool,
+    /// One line per change, e.g. `demo.Echo: 3 endpoints` or `removed x`.
+    pub what: Vec<String>,
+}
+
+/// The tables at one revision of one epoch.
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub revision: u64,
+    pub epoch: String,
+    pub stale: bool,
+    pub services: BTreeMap<String, Service>,
+    /// Rejected keys and why.
+    pub rejected: BTreeMap<String, String>,
+    digest: Digest,
+    /// Newest first.
+    pub log: VecDeque<LogEntry>,
+    /// Whether anything was applied yet (revision 0 is a real revision of
+    /// an empty etcd).
+    holds: bool,
+}
+
+impl Tables {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether an answer has been applied since the start or the last reset.
+    pub fn holds(&self) -> bool {
+        self.holds
+    }
+
+    /// The query that asks the change feed for what follows what is held:
+    /// empty (everything) when nothing is held.
+    pub fn query(&self) -> String {
+        if !self.holds {
+            return String::new();
+        }
+        let epoch: String = url_encode(&self.epoch);
+        format!("since={}&epoch={epoch}", self.revision)
+    }
+
+    /// Forgets the tables (the log stays), so the next poll asks for all.
+    pub fn reset(&mut self) {
+        let log = std::mem::take(&mut self.log);
+        *self = Tables {
+            log,
+            ..Tables::default()
+        };
+    }
+
+    /// Decodes, validates and applies one change-feed body. On an error
+    /// nothing is applied and the tables are reset.
+    pub fn apply_body(&mut self, body: &[u8]) -> Result<LogEntry, String> {
+        let changes = Changes::decode(body).map_err(|e| {
+            self.reset();
+            e.to_string()
+        })?;
+        self.apply(changes).inspect_err(|_| self.reset())
+    }
+
+    fn apply(&mut self, changes: Changes) -> Result<LogEntry, String> {
+        if !changes.full {
+            if !self.holds {
+                return Err("a delta came while nothing is held".into());
+            }
+            if changes.epoch != self.epoch {
+                return Err(format!(
+                    "a delta of epoch {:?} while epoch {:?} is held",
+                    changes.epoch, self.epoch
+                ));
+            }
+            if changes.since > self.revision {
+                return Err(format!(
+                    "a delta since {} while revision {} is held",
+                    changes.since, self.revision
+                ));
+            }
+        }
+        if self.holds && changes.epoch == self.epoch && changes.revision < self.revision {
+            return Err(format!(
+                "revision {} is older than the held {}",
+                changes.revision, self.revision
+            ));
+        }
+        // Built aside, so a refused answer leaves nothing half applied.
+        let mut next = if changes.full {
+            Tables {
+                log: self.log.clone(),
+                ..Tables::default()
+            }
+        } else {
+            self.clone()
+        };
+        let mut what = Vec::new();
+        for name in &changes.removed {
+            if let Some(old) = next.services.remove(name) {
+                next.digest.remove(Digest::of(name, &old));
+                what.push(format!("removed {name}"));
+            }
+        }
+        for (name, service) in changes.services {
+            if let Some(old) = next.services.get(&name) {
+                if *old == service && !changes.full {
+                    continue; // a replica may repeat an unchanged service
+                }
+                next.digest.remove(Digest::of(&name, old));
+            }
+            next.digest.add(Digest::of(&name, &service));
+            what.push(describe(&name, &service));
+            next.services.insert(name, service);
+        }
+        for key in &changes.unrejected {
+            if next.rejected.remove(key).is_some() {
+                what.push(format!("no longer rejected {key}"));
+            }
+        }
+        for rejected in changes.rejected {
+            what.push(format!("rejected {}: {}", rejected.key, rejected.reason));
+            next.rejected.insert(rejected.key, rejected.reason);
+        }
+        if next.digest.value() != changes.digest {
+            return Err(format!(
+                "the digest after applying revision {} is {:#x}, sync-server says {:#x}",
+                changes.revision,
+                next.digest.value(),
+                changes.digest
+            ));
+        }
+        next.revision = changes.revision;
+        next.epoch = changes.epoch;
+        next.stale = changes.stale;
+        next.holds = true;
+        let entry = LogEntry {
+            revision: changes.revision,
+            full: changes.full,
+            what,
+        };
+        if !entry.what.is_empty() || entry.full {
+            next.log.push_front(entry.clone());
+            next.log.truncate(LOG_LEN);
+        }
+        *self = next;
+        Ok(entry)
+    }
+}
+
+fn describe(name: &str, service: &Service) -> String {
+    let weights: Vec<String> = service
+        .endpoints
+        .iter()
+        .map(|e| e.weight.to_string())
+        .collect();
+    match service.endpoints.len() {
+        1 => format!("{name}: 1 endpoint (weight {})", weights.join(",")),
+        n => format!("{name}: {n} endpoints (weights {})", weights.join(",")),
+    }
+}
+
+/// Percent-encodes everything but unreserved characters, for a query value.
+fn url_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_mesh_wire::{Endpoint, Rejected};
+
+    fn service(weights: &[u32]) -> Service {
+        Service {
+            endpoints: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| Endpoint::new(format!("10.0.0.{}:80", i + 1), *w))
+                .collect(),
+        }
+    }
+
+    fn digest_of(services: &BTreeMap<String, Service>) -> u64 {
+        let mut d = Digest::default();
+        services.iter().for_each(|(n, s)| d.add(Digest::of(n, s)));
+        d.value()
+    }
+
+    fn full(revision: u64, services: BTreeMap<String, Service>) -> Changes {
+        Changes {
+            revision,
+            epoch: "e1".into(),
+            full: true,
+            digest: digest_of(&services),
+            services,
+            rejected: vec![Rejected {
+                key: "bad/key".into(),
+                reason: "not ip:port".into(),
+            }],
+            ..Changes::default()
+        }
+    }
+
+    #[test]
+    fn applies_a_full_answer_then_deltas() {
+        let mut tables = Tables::new();
+        assert_eq!(tables.query(), "");
+        let mut services = BTreeMap::new();
+        services.insert("a".to_string(), service(&[5, 1, 1]));
+        services.insert("b".to_string(), service(&[1]));
+        let entry = tables
+            .apply_body(&full(10, services.clone()).encode())
+            .expect("full");
+        assert!(entry.full);
+        assert_eq!(tables.revision, 10);
+        assert_eq!(tables.rejected["bad/key"], "not ip:port");
+        assert_eq!(tables.query(), "since=10&epoch=e1");
+
+        services.remove("b");
+        services.insert("a".to_string(), service(&[2]));
+        let delta = Changes {
+            revision: 12,
+            since: 10,
+            epoch: "e1".into(),
+            services: [("a".to_string(), service(&[2]))].into(),
+            removed: vec!["b".into()],
+            unrejected: vec!["bad/key".into()],
+            digest: digest_of(&services),
+            ..Changes::default()
+        };
+        let entry = tables.apply_body(&delta.encode()).expect("delta");
+        assert_eq!(
+            entry.what,
+            [
+                "removed b",
+                "a: 1 endpoint (weight 2)",
+                "no longer rejected bad/key"
+            ]
+        );
+        assert_eq!(tables.services, services);
+        assert!(tables.rejected.is_empty());
+        assert_eq!(tables.log.len(), 2);
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit_and_resets() {
+        let mut tables = Tables::new();
+        let services: BTreeMap<_, _> = [("a".to_string(), service(&[1]))].into();
+        tables
+            .apply_body(&full(10, services.clone()).encode())
+            .expect("full");
+
+        let other_epoch = Changes {
+            revision: 11,
+            since: 10,
+            epoch: "e2".into(),
+            digest: digest_of(&services),
+            ..Changes::default()
+        };
+        assert!(tables.apply_body(&other_epoch.encode()).is_err());
+        assert!(!tables.holds());
+        assert_eq!(tables.query(), "");
+
+        tables
+            .apply_body(&full(10, services.clone()).encode())
+            .expect("full");
+        let wrong_digest = Changes {
+            revision: 11,
+            since: 10,
+            epoch: "e1".into(),
+            services: [("a".to_string(), service(&[3]))].into(),
+            digest: 1,
+            ..Changes::default()
+        };
+        let err = tables
+            .apply_body(&wrong_digest.encode())
+            .expect_err("digest");
+        assert!(err.contains("digest"), "{err}");
+        assert!(!tables.holds());
+
+        assert!(tables.apply_body(b"{not json").is_err());
+        let bad_weight = br#"{"revision":1,"epoch":"e","full":true,"services":{"a":{"endpoints":[{"addr":"1.2.3.4:5","weight":20000}]}},"digest":0}"#;
+        assert!(tables.apply_body(bad_weight).is_err());
+    }
+
+    #[test]
+    fn an_empty_delta_moves_the_revision_without_logging() {
+        let mut tables = Tables::new();
+        tables
+            .apply_body(&full(3, BTreeMap::new()).encode())
+            .expect("full");
+        let empty = Changes {
+            revision: 4,
+            since: 3,
+            epoch: "e1".into(),
+            ..Changes::default()
+        };
+        tables.apply_body(&empty.encode()).expect("empty delta");
+        assert_eq!(tables.revision, 4);
+        assert_eq!(tables.log.len(), 1);
+    }
+
+    #[test]
+    fn encodes_the_epoch_for_the_query() {
+        assert_eq!(url_encode("a b/c"), "a%20b%2Fc");
+    }
+}
