@@ -4,7 +4,8 @@
 //! - [`format`] and [`registry`]: pure parsing and snapshot building;
 //! - [`etcd`]: list + watch, reconnecting, marking the snapshot stale;
 //! - [`publish`]: the snapshot being served and the long-poll signal;
-//! - [`http`]: the v1 HTTP contract.
+//! - [`http`]: the v1 HTTP contract;
+//! - [`ui`]: the browser console at `/ui/`.
 //!
 //! [`run`] wires them to a listener; the binary only parses its command line.
 
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod publish;
 pub mod registry;
 pub mod snapshot_file;
+pub mod ui;
 
 use crate::etcd::EtcdOptions;
 use crate::format::WatchSpec;
@@ -44,6 +46,8 @@ pub struct Config {
     pub max_long_polls: usize,
     /// Keys per etcd listing request.
     pub list_page_size: i64,
+    /// Serve the console from this directory instead of the embedded files.
+    pub ui_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -56,6 +60,7 @@ impl Config {
             history: HistoryLimits::default(),
             max_long_polls: http::DEFAULT_MAX_LONG_POLLS,
             list_page_size: etcd::LIST_PAGE_SIZE,
+            ui_dir: None,
         }
     }
 }
@@ -93,9 +98,12 @@ pub async fn run(
     let persist = config
         .snapshot_file
         .map(|path| tokio::spawn(snapshot_file::persist(publisher, path, shutdown.clone())));
+    let mut app = app(state);
+    if let Some(dir) = config.ui_dir {
+        app = app.layer(axum::Extension(ui::UiDir(dir)));
+    }
     let serve = std::future::IntoFuture::into_future(
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned()),
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()),
     );
     let mut serve = std::pin::pin!(serve);
     let mut sync_ended = false;

@@ -89,6 +89,12 @@ struct Cli {
     /// Retry-After.
     #[arg(long, env = "SYNC_SERVER_MAX_LONG_POLLS", default_value_t = sync_server::http::DEFAULT_MAX_LONG_POLLS)]
     max_long_polls: usize,
+
+    /// Serve the browser console at /ui/ from this directory (what
+    /// scripts/build-console.sh makes: console/dist) instead of the files
+    /// embedded at build time.
+    #[arg(long, env = "SYNC_SERVER_UI_DIR")]
+    ui_dir: Option<PathBuf>,
 }
 
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -130,6 +136,14 @@ impl Cli {
             bytes: self.history_bytes,
         };
         config.max_long_polls = self.max_long_polls;
+        if let Some(dir) = &self.ui_dir {
+            anyhow::ensure!(
+                dir.join("index.html").is_file(),
+                "the console directory {} has no index.html (scripts/build-console.sh makes console/dist)",
+                dir.display()
+            );
+        }
+        config.ui_dir = self.ui_dir;
         config.token = match &self.token_file {
             Some(path) => Some(read_secret(path, "token file")?),
             None => None,
