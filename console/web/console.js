@@ -245,4 +245,8 @@ async function main() {
   await follow();
 }
 
+// A CSP violation is a bug of this page: show it rather than fail quietly.
+document.addEventListener("securitypolicyviolation", (e) => {
+  showError(`blocked by the Content-Security-Policy: ${e.violatedDirective} ${e.blockedURI}`);
+});
 main().catch((e) => showError(`the console failed: ${e.message}`));
