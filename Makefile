@@ -20,7 +20,7 @@ export ETCD_MESH_ENVOY = $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 # and wasmtime), so no wasm plugin can load in it.
 ENVOY_MATRIX ?= 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
 
-.PHONY: all setup wasm build run test test-envoy-matrix test-matrix-suites lint bench clean
+.PHONY: all setup wasm console build run test test-envoy-matrix test-matrix-suites lint bench clean
 
 all: build
 
@@ -30,8 +30,13 @@ setup:
 wasm: setup
 	@scripts/build-wasm.sh
 
+# The browser console into console/dist/ (wasm32 + wasm-bindgen --target web);
+# built before sync-server, which embeds it and serves it at /ui/.
+console: setup
+	@scripts/build-console.sh
+
 # The plugin .wasm and the native binaries (sync-server, demo).
-build: wasm
+build: wasm console
 	$(CARGO) build --release -p sync-server -p etcd-mesh-demo -p etcd-mesh-registration
 
 # The demo: etcd, sync-server, three backends and Envoy on loopback.
@@ -39,7 +44,7 @@ run: build
 	target/release/etcd-mesh-demo
 
 # Unit tests, then end-to-end tests against real etcd and Envoy.
-test: wasm
+test: wasm console
 	@$(ETCD_MESH_ENVOY) --version | grep .
 	$(CARGO) test --workspace
 
@@ -58,7 +63,10 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@# The proxy-wasm glue only builds for wasm32; lint it there when rustup has the target.
 	if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then \
-	  $(CARGO) clippy -p etcd-mesh-plugin --target wasm32-unknown-unknown -- -D warnings; fi
+	  $(CARGO) clippy -p etcd-mesh-plugin --target wasm32-unknown-unknown -- -D warnings; \
+	  $(CARGO) clippy -p etcd-mesh-console --target wasm32-unknown-unknown -- -D warnings; fi
+	@# The console runs in a browser: it takes the routing core, never proxy-wasm.
+	! $(CARGO) tree -p etcd-mesh-console -e normal --prefix none | grep '^proxy-wasm'
 
 # Benchmarks (not tests): bench/RESULTS.md and bench/results.png.
 bench: build

@@ -3,11 +3,13 @@
 //! Starts etcd, sync-server, three `demo.Echo` backends (weights 1, 2, 3)
 //! and Envoy with the plugin; sends 600 calls through Envoy and prints how
 //! many each backend served; then keeps everything up until Ctrl-C or
-//! SIGTERM, and stops every process it started.
+//! SIGTERM, and stops every process it started. sync-server also serves
+//! the browser console at `/ui/`.
 
 use etcd_mesh_demo::client::{connect, split};
 use etcd_mesh_demo::stack::{
-    ensure_free, fetch_snapshot, free_port, wait_for, wait_ready, Envoy, EnvoyOptions, Etcd, Proc,
+    ensure_free, fetch_snapshot, free_port, http_get, wait_for, wait_ready, Envoy, EnvoyOptions,
+    Etcd, Proc,
 };
 use etcd_mesh_demo::{wait_for_stop_signal, DEMO_PREFIX, DEMO_SERVICE};
 use std::net::SocketAddr;
@@ -75,6 +77,13 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|e| format!("{e}\n{}", sync.log_tail(20)))?;
     println!("  sync-server   http://{sync_addr}/v1/snapshot");
+    // A sync-server built before the console answers /ui/ with 404 and how
+    // to build it: say so here too.
+    let console = match http_get(sync_addr, "/ui/").await {
+        Ok((200, _)) => String::new(),
+        _ => "  (not built in: scripts/build-console.sh, then rebuild sync-server)".into(),
+    };
+    println!("  console       http://{sync_addr}/ui/{console}");
 
     let mut backends = Vec::new();
     for weight in WEIGHTS {
