@@ -97,8 +97,9 @@ impl Drop for Driver {
     }
 }
 
-/// sync-server in this runtime with a bearer token, watching the demo prefix.
-async fn start_sync_server(etcd: &Etcd) -> (SocketAddr, CancellationToken) {
+/// sync-server in this runtime, watching the demo prefix, with or without
+/// a bearer token.
+async fn start_sync_server(etcd: &Etcd, token: Option<&str>) -> (SocketAddr, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -108,7 +109,7 @@ async fn start_sync_server(etcd: &Etcd) -> (SocketAddr, CancellationToken) {
         EtcdOptions::new(vec![etcd.endpoint()]),
         vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
     );
-    config.token = Some(TOKEN.into());
+    config.token = token.map(str::to_owned);
     tokio::spawn(sync_server::run(config, listener, stop.clone()));
     wait_ready(addr, DEADLINE).await.expect("sync-server ready");
     (addr, stop)
@@ -240,7 +241,8 @@ async fn the_console_follows_etcd_live_in_a_browser() {
     )
     .await
     .expect("put");
-    let (sync, stop_sync) = start_sync_server(&etcd).await;
+    let (sync, stop_sync) = start_sync_server(&etcd, Some(TOKEN)).await;
+    let (open_sync, stop_open_sync) = start_sync_server(&etcd, None).await;
 
     // The page is open and sent with the CSP; the data is not.
     let page = http_get_with(sync, "/ui/", &[]).await.expect("GET /ui/");
@@ -259,18 +261,19 @@ async fn the_console_follows_etcd_live_in_a_browser() {
     let client = driver.browser(&dir.path().join("profile")).await;
     // The checks run in their own task so that the browser session is
     // closed whatever they do; the process group goes with `driver`.
-    let checks = tokio::spawn(checks(client.clone(), sync, kv));
+    let checks = tokio::spawn(checks(client.clone(), sync, open_sync, kv));
     let outcome = checks.await;
     let _ = client.close().await;
     drop(driver);
     stop_sync.cancel();
+    stop_open_sync.cancel();
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
     eprintln!("console browser test passed in {:?}", started.elapsed());
 }
 
-async fn checks(client: Client, sync: SocketAddr, mut kv: EtcdClient) {
+async fn checks(client: Client, sync: SocketAddr, open_sync: SocketAddr, mut kv: EtcdClient) {
     // `/ui` redirects to `/ui/`; with no token the page asks for one and
     // shows no data.
     client
@@ -405,4 +408,21 @@ async fn checks(client: Client, sync: SocketAddr, mut kv: EtcdClient) {
     let path = screenshot_path();
     std::fs::write(&path, png).expect("save the screenshot");
     eprintln!("screenshot: {}", path.display());
+
+    // A sync-server without a token: the data shows at once, no form.
+    client
+        .goto(&format!("http://{open_sync}/ui/"))
+        .await
+        .expect("open the console");
+    wait_displayed(
+        &client,
+        r#".service[data-service="demo.Payments"]"#,
+        DEADLINE,
+    )
+    .await
+    .expect("lists the services without a token");
+    assert!(
+        !displayed(&client, "#token-form").await,
+        "asked for a token it does not need"
+    );
 }
