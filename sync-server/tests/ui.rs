@@ -101,3 +101,54 @@ async fn without_a_dir_the_embedded_console_or_how_to_build_it() {
         assert!(page.contains("scripts/build-console.sh"), "{page}");
     }
 }
+
+#[tokio::test]
+async fn the_binary_serves_ui_dir_and_refuses_a_dir_without_the_page() {
+    use etcd_mesh_testkit::{free_port, http_get, wait_for, Proc};
+    use std::process::Command;
+    let dir = ui_dir();
+    let logs = tempfile::tempdir().expect("tempdir");
+    // etcd is never reached here: /ui/ does not need it.
+    let etcd = format!("127.0.0.1:{}", free_port().expect("port"));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port().expect("port")));
+    let command = |ui_dir: &std::path::Path| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sync-server"));
+        command
+            .args(["--etcd", &etcd, "--listen", &addr.to_string()])
+            .args(["--watch", "etcd-naming=svc/"])
+            .arg("--ui-dir")
+            .arg(ui_dir);
+        command
+    };
+
+    let server = Proc::spawn(
+        "sync-server",
+        command(dir.path()),
+        logs.path().join("a.log"),
+    )
+    .expect("spawn");
+    let served = wait_for(
+        "/ui/ from --ui-dir",
+        std::time::Duration::from_secs(20),
+        || async {
+            match http_get(addr, "/ui/").await {
+                Ok((200, body)) => Some(body),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        served.as_deref(),
+        Ok("<!doctype html><title>c</title>"),
+        "{}",
+        server.log_tail(20)
+    );
+    drop(server);
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    let status = command(empty.path()).output().expect("runs");
+    assert!(!status.status.success());
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(stderr.contains("has no index.html"), "{stderr}");
+}
