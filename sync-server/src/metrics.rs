@@ -54,7 +54,7 @@ impl Metrics {
         let revision = current.as_ref().map_or(0, |p| p.revision);
         let stale = current.as_ref().is_some_and(|p| p.stale);
         let history = current.as_ref().map_or(0, |p| p.history.len());
-        let floor = current.as_ref().map_or(0, |p| p.history.floor());
+        let floor = current.as_ref().map_or(0, |p| p.history.floor().revision);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let rows: [(&str, &str, &str, u64); 18] = [
             (

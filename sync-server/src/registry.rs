@@ -400,6 +400,7 @@ mod tests {
         let tables = r.tables();
         Snapshot {
             revision: r.revision(),
+            health_seq: 0,
             stale: false,
             services: tables
                 .services
