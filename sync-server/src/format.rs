@@ -54,21 +54,29 @@ impl FromStr for Format {
 pub struct WatchSpec {
     pub format: Format,
     pub prefix: String,
+    /// The zone of registrations that name none (openim-v2 values cannot).
+    pub zone: Option<String>,
 }
 
 impl FromStr for WatchSpec {
     type Err = String;
-    /// `<format>=<prefix>`, as given to `--watch`.
+    /// `<format>=<prefix>[,zone=<zone>]`, as given to `--watch`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (format, prefix) = s
+        let (format, rest) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?} is not <format>=<prefix>"))?;
+        let (prefix, zone) = match rest.rsplit_once(",zone=") {
+            Some((_, "")) => return Err(format!("{s:?} has an empty zone")),
+            Some((prefix, zone)) => (prefix, Some(zone.to_owned())),
+            None => (rest, None),
+        };
         if prefix.is_empty() {
             return Err(format!("{s:?} has an empty prefix"));
         }
         Ok(WatchSpec {
             format: format.parse()?,
             prefix: prefix.to_owned(),
+            zone,
         })
     }
 }
@@ -92,7 +100,7 @@ pub fn parse(spec: &WatchSpec, key: &[u8], value: &[u8]) -> Result<Registration,
     if service.is_empty() {
         return Err("key has an empty service name".into());
     }
-    let endpoint = match spec.format {
+    let mut endpoint = match spec.format {
         Format::EtcdNaming => parse_naming_value(value)?,
         Format::OpenimV2 => {
             let addr = std::str::from_utf8(value).map_err(|_| "value is not UTF-8".to_owned())?;
@@ -100,6 +108,12 @@ pub fn parse(spec: &WatchSpec, key: &[u8], value: &[u8]) -> Result<Registration,
             Endpoint::new(addr, DEFAULT_WEIGHT)
         }
     };
+    if let Some(zone) = &spec.zone {
+        endpoint
+            .metadata
+            .entry(etcd_mesh_wire::ZONE_KEY.to_owned())
+            .or_insert_with(|| zone.as_str().into());
+    }
     Ok(Registration {
         service: service.to_owned(),
         endpoint,
@@ -168,6 +182,26 @@ mod tests {
 
     fn openim() -> WatchSpec {
         "openim-v2=openim:///".parse().expect("valid spec")
+    }
+
+    #[test]
+    fn a_watch_may_name_the_zone_of_what_it_reads() {
+        let spec: WatchSpec = "openim-v2=openim:///,zone=eu-1".parse().expect("spec");
+        assert_eq!(
+            (spec.prefix.as_str(), spec.zone.as_deref()),
+            ("openim:///", Some("eu-1"))
+        );
+        let r = parse(&spec, b"openim:///user/127.0.0.1:5", b"127.0.0.1:5").expect("valid");
+        assert_eq!(r.endpoint.zone(), Some("eu-1"));
+        let naming: WatchSpec = "etcd-naming=svc/,zone=eu-1".parse().expect("spec");
+        let own = br#"{"Op":0,"Addr":"127.0.0.1:5","Metadata":{"zone":"eu-2"}}"#;
+        let r = parse(&naming, b"svc/user/a", own).expect("valid");
+        assert_eq!(
+            r.endpoint.zone(),
+            Some("eu-2"),
+            "the registration's own zone wins"
+        );
+        assert!("openim-v2=openim:///,zone=".parse::<WatchSpec>().is_err());
     }
 
     #[test]

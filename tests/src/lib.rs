@@ -168,6 +168,8 @@ pub async fn start_sync_server_on(
 pub struct Backend {
     pub addr: SocketAddr,
     stop: CancellationToken,
+    /// What its gRPC health service answers for `demo.Echo`.
+    serving: tokio::sync::watch::Sender<bool>,
     registration: Option<Registration>,
 }
 
@@ -177,10 +179,12 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let stop = CancellationToken::new();
-        tokio::spawn(backend::serve(listener, stop.clone()));
+        let (serving, told) = tokio::sync::watch::channel(true);
+        tokio::spawn(backend::serve_with_health(listener, stop.clone(), told));
         Backend {
             addr,
             stop,
+            serving,
             registration: None,
         }
     }
@@ -193,8 +197,16 @@ impl Backend {
     }
 
     pub async fn register(&mut self, etcd: Vec<String>, weight: u32) {
-        let instance =
+        self.register_in(etcd, weight, None).await;
+    }
+
+    /// Registers with `weight`, in `zone` when given.
+    pub async fn register_in(&mut self, etcd: Vec<String>, weight: u32, zone: Option<&str>) {
+        let mut instance =
             Instance::new(DEMO_PREFIX, DEMO_SERVICE, &self.addr.to_string()).with_weight(weight);
+        if let Some(zone) = zone {
+            instance = instance.with_zone(zone);
+        }
         let registration = Registration::start(etcd, instance).expect("valid instance");
         registration
             .registered(DEADLINE)
@@ -207,6 +219,11 @@ impl Backend {
     /// in etcd (its lease is still kept alive).
     pub fn stop_serving(&self) {
         self.stop.cancel();
+    }
+
+    /// Makes its health service answer `SERVING` or `NOT_SERVING`.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.send_replace(serving);
     }
 
     /// Deletes the registration (the server keeps serving).
