@@ -357,3 +357,42 @@ mod tests {
         assert!(refused > 1_000, "the mutations were too mild: {refused}");
     }
 }
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::*;
+    use etcd_mesh_routing::SlowStart;
+
+    #[test]
+    fn a_stamped_newcomer_ramps() {
+        let policy = Policy {
+            slow_start: Some(SlowStart {
+                window_ms: 4_000,
+                aggression: 1.0,
+                min_weight_percent: 10,
+            }),
+            ..Policy::default()
+        };
+        let mut tables = WorkerTables::new(1, policy);
+        let two = br#"{"endpoints":[{"addr":"127.0.0.1:1","weight":1},{"addr":"127.0.0.1:2","weight":1}]}"#;
+        tables.apply_service("s", two, 1_000).expect("valid");
+        let three = br#"{"endpoints":[{"addr":"127.0.0.1:1","weight":1},{"addr":"127.0.0.1:2","weight":1},{"addr":"127.0.0.1:3","weight":1,"serving_since_ms":1000}]}"#;
+        tables.apply_service("s", three, 1_000).expect("valid");
+        let new = (0..210)
+            .filter(|_| tables.pick("s") == Pick::Endpoint("127.0.0.1:3"))
+            .count();
+        assert_eq!(new, 10, "10% of weight 1 against 2 × 1");
+        // Stepped between calls, as the router's tick does.
+        let mut new = 0;
+        for i in 0..2_000u64 {
+            if i % 20 == 0 {
+                tables.step_slow_start(1_000 + i / 10);
+            }
+            new += usize::from(tables.pick("s") == Pick::Endpoint("127.0.0.1:3"));
+        }
+        assert!(
+            (80..160).contains(&new),
+            "{new} of 2000 in the ramp's first 200 ms"
+        );
+    }
+}

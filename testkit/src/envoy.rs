@@ -255,6 +255,26 @@ impl Envoy {
         .map_err(|e| format!("{e}\n{}", self.proc.log_tail(30)))
     }
 
+    /// Waits until the poller and every worker hold tables of `digest`
+    /// (sync-server's `sync_server_tables_digest`): what a health change,
+    /// which moves no revision, is waited on by.
+    pub async fn wait_for_digest(&self, digest: u64, timeout: Duration) -> Result<(), String> {
+        wait_for(
+            &format!("the plugin's poller and workers to hold digest {digest}"),
+            timeout,
+            || async move {
+                let held = self.stat("wasmcustom.etcd_mesh.table_digest").await?;
+                let workers = self
+                    .stats_matching("^wasmcustom.etcd_mesh.worker_[0-9]*.table_digest$")
+                    .await;
+                (held == digest && !workers.is_empty() && workers.iter().all(|(_, d)| *d == digest))
+                    .then_some(())
+            },
+        )
+        .await
+        .map_err(|e| format!("{e}\n{}", self.proc.log_tail(30)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }

@@ -43,10 +43,20 @@ impl Mesh {
     }
 
     /// With these Envoy options (the sync-server address is filled in).
-    pub async fn start_with(mut options: EnvoyOptions) -> Mesh {
+    pub async fn start_with(options: EnvoyOptions) -> Mesh {
+        Self::start_configured(options, |_| {}).await
+    }
+
+    /// With these Envoy options and sync-server configured by `configure`.
+    pub async fn start_configured(
+        mut options: EnvoyOptions,
+        configure: impl FnOnce(&mut sync_server::Config),
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("temporary dir");
         let etcd = Etcd::start(dir.path()).await.expect("etcd starts");
-        let (sync_addr, sync_stop) = start_sync_server(&etcd).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (sync_addr, sync_stop) =
+            start_sync_server_with(vec![etcd.endpoint()], listener, configure).await;
         options.sync_servers = vec![sync_addr];
         let envoy = Envoy::start(dir.path(), options)
             .await
@@ -151,12 +161,22 @@ pub async fn start_sync_server_on(
     etcd: Vec<String>,
     listener: TcpListener,
 ) -> (SocketAddr, CancellationToken) {
+    start_sync_server_with(etcd, listener, |_| {}).await
+}
+
+/// The same, configured further by `configure`.
+pub async fn start_sync_server_with(
+    etcd: Vec<String>,
+    listener: TcpListener,
+    configure: impl FnOnce(&mut sync_server::Config),
+) -> (SocketAddr, CancellationToken) {
     let addr = listener.local_addr().expect("local addr");
     let stop = CancellationToken::new();
-    let config = sync_server::Config::new(
+    let mut config = sync_server::Config::new(
         EtcdOptions::new(etcd),
         vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
     );
+    configure(&mut config);
     tokio::spawn(sync_server::run(config, listener, stop.clone()));
     wait_ready(addr, DEADLINE)
         .await
