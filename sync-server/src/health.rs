@@ -1,22 +1,58 @@
-//! Active health checks: `grpc.health.v1.Health/Check` against every
-//! endpoint, so that an instance killed without deregistering (SIGKILL, a
-//! lost host) stops taking calls within `interval × unhealthy_threshold`
-//! instead of when its lease expires.
+//! Active gRPC health checks of registered endpoints.
 //!
-//! States, per endpoint ([`Tracker`], pure): it starts unknown and takes
-//! calls; a `SERVING` answer makes it healthy; `unhealthy_threshold`
-//! failures in a row (no connection, an error, a timeout, any other
-//! status) make it unhealthy; a `NOT_SERVING` answer drains it at once
-//! (the application asks for it); from unhealthy or not-serving,
-//! `healthy_threshold` `SERVING` answers in a row make it healthy again.
-//! Only changes are reported, as [`Transition`]s.
+//! This module owns the checking: which endpoints are checked (the latest
+//! set of [`Target`]s), when, over which connection, and what their answers
+//! mean. It reports only changes, as [`Transition`]s, so the caller (the
+//! registry) decides what a change does to the served snapshot; nothing here
+//! touches etcd or HTTP.
 //!
-//! Scheduling: one loop keeps every endpoint's next check time; the first
-//! check of each comes at a random point of one interval, so that 100,000
-//! endpoints are not checked all at once, and each later one after the
-//! interval ±10%. A semaphore bounds the checks in flight. Each endpoint
-//! keeps one HTTP/2 connection between checks, dropped after a failure so
-//! that a backend restarted on the same address is found.
+//! # States
+//!
+//! A target starts *Unknown* and takes calls meanwhile (registering is a
+//! claim to be ready). Each check asks `grpc.health.v1.Health/Check` for the
+//! name [`CheckName`] gives, and its answer is one of:
+//!
+//! - `SERVING`;
+//! - `NOT_SERVING`: the application asks to be drained;
+//! - a failure: no connection, any RPC error (`UNIMPLEMENTED`, `NOT_FOUND`
+//!   for an unknown service name, ...), the timeout, or the status
+//!   `UNKNOWN` / `SERVICE_UNKNOWN` (or one this code does not know).
+//!
+//! The rules ([`Tracker`]):
+//!
+//! - Unknown → Healthy on the first `SERVING`;
+//! - Unknown, Healthy → Unhealthy after `unhealthy_threshold` failures in a
+//!   row; so does NotServing (a drained application that then stops
+//!   answering is gone, not draining);
+//! - any → NotServing on one `NOT_SERVING`, with no threshold: the
+//!   application said so;
+//! - Unhealthy, NotServing → Healthy after `healthy_threshold` `SERVING`s in
+//!   a row.
+//!
+//! A [`Transition`] is sent only when the state changes. A target that
+//! leaves the set is forgotten without a transition (the registry dropped
+//! it already) and its connection closed; if it comes back it starts
+//! Unknown again.
+//!
+//! # Scheduling
+//!
+//! One scheduler task keeps a heap of next-due times; it spawns a task per
+//! check, at most `max_concurrent` at once (a semaphore), so 10,000 targets
+//! cost 10,000 heap entries, not 10,000 sleeping tasks. A target's first
+//! check falls at a random offset within one interval, so targets added
+//! together do not fire together; each next check is due one interval
+//! (±10%, random) after the previous one ended, so one target never has two
+//! checks in flight. When all permits are taken, due checks wait, oldest
+//! first. A new target set is diffed against the current one: only
+//! added and removed targets change.
+//!
+//! # Connections
+//!
+//! Each target keeps one lazily connected tonic [`Channel`] (HTTP/2) across
+//! its checks. A failed check drops it, so the next check connects afresh
+//! and finds a backend restarted on the same address. The connect timeout
+//! is the check timeout, and the whole check (connect and RPC) is bounded by
+//! it too.
 
 use etcd_mesh_routing::rng::SplitMix64;
 use etcd_mesh_wire::Health;
@@ -26,7 +62,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -34,140 +71,123 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the checks are run.
+#[derive(Debug, Clone)]
 pub struct HealthConfig {
-    /// Between two checks of one endpoint (jittered by up to 10%).
+    /// Between checks of one endpoint, each jittered by up to ±10%
+    /// (held within 1 ms ..= 1 day, so neither a spin nor an overflow).
     pub interval: Duration,
-    /// The most one check may take, connecting included.
+    /// Per check, connect and RPC together.
     pub timeout: Duration,
+    /// Failures in a row that make an endpoint Unhealthy (0 counts as 1).
     pub unhealthy_threshold: u32,
+    /// `SERVING`s in a row that make an Unhealthy or NotServing endpoint
+    /// Healthy again (0 counts as 1).
     pub healthy_threshold: u32,
-    /// Checks in flight at once, over all endpoints.
+    /// Checks in flight at once, across all endpoints (0 counts as 1).
     pub max_concurrent: usize,
+    /// What goes in `HealthCheckRequest.service`.
     pub check_name: CheckName,
 }
 
-/// What each check names in `HealthCheckRequest.service`.
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+            max_concurrent: 256,
+            check_name: CheckName::Registry,
+        }
+    }
+}
+
+/// The service name a check asks about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckName {
-    /// The endpoint's registry service name.
+    /// The target's registry service name.
     Registry,
-    /// The empty name: the server as a whole.
+    /// `""`: the server as a whole.
     Empty,
+    /// The same name for every target.
     Fixed(String),
 }
 
+impl CheckName {
+    fn for_target<'a>(&'a self, target: &'a Target) -> &'a str {
+        match self {
+            CheckName::Registry => &target.service,
+            CheckName::Empty => "",
+            CheckName::Fixed(name) => name,
+        }
+    }
+}
+
 /// One endpoint to check.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
+    /// The registry service name.
     pub service: Arc<str>,
+    /// `ip:port` (IPv6 as `[ip]:port`).
     pub addr: String,
 }
 
-/// An endpoint's health changed.
+/// A target's state changed to `health`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
     pub target: Target,
     pub health: Health,
 }
 
-/// What one check found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Serving,
-    NotServing,
-    Failed,
-}
-
-/// One endpoint's state machine (see the module doc).
-#[derive(Debug, Clone, Default)]
-pub struct Tracker {
-    health: Option<Health>,
-    failures: u32,
-    passes: u32,
-}
-
-impl Tracker {
-    /// Records one check; the new health when it changed.
-    pub fn record(&mut self, outcome: Outcome, config: &HealthConfig) -> Option<Health> {
-        let next = match outcome {
-            Outcome::NotServing => {
-                self.failures = 0;
-                self.passes = 0;
-                Health::NotServing
-            }
-            Outcome::Failed => {
-                self.passes = 0;
-                self.failures = self.failures.saturating_add(1);
-                match self.health {
-                    Some(Health::NotServing) | Some(Health::Unhealthy) => Health::Unhealthy,
-                    _ if self.failures >= config.unhealthy_threshold => Health::Unhealthy,
-                    _ => return None,
-                }
-            }
-            Outcome::Serving => {
-                self.failures = 0;
-                self.passes = self.passes.saturating_add(1);
-                match self.health {
-                    None | Some(Health::Healthy) => Health::Healthy,
-                    _ if self.passes >= config.healthy_threshold => Health::Healthy,
-                    _ => return None,
-                }
-            }
-        };
-        if next != Health::Healthy {
-            self.passes = 0;
-        }
-        (self.health != Some(next)).then(|| {
-            self.health = Some(next);
-            next
-        })
-    }
-
-    pub fn health(&self) -> Option<Health> {
-        self.health
-    }
-}
-
+/// Counters and gauges of the checks, rendered into `/metrics`.
 #[derive(Debug, Default)]
 pub struct HealthMetrics {
+    /// Checks finished, whatever their answer.
     pub checks_total: AtomicU64,
+    /// Checks that failed (a `NOT_SERVING` answer is not a failure).
     pub failures_total: AtomicU64,
-    /// Endpoints now unhealthy or not serving.
+    /// Targets now Unhealthy or NotServing.
     pub unhealthy: AtomicU64,
+    /// Targets being checked.
     pub targets: AtomicU64,
+    /// Checks in flight now.
     pub in_flight: AtomicU64,
+    /// The most checks ever in flight at once (for tuning
+    /// `max_concurrent` and for tests).
     pub peak_in_flight: AtomicU64,
-    /// Connections kept to endpoints between checks.
-    pub connections: AtomicU64,
+    /// Channels held: a target holds one from its check until a check
+    /// fails (so refused targets count while their check is in flight).
+    pub connections_open: AtomicU64,
 }
 
 impl HealthMetrics {
+    /// Appends the health-check rows in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows = [
+        let rows: [(&str, &str, &str, u64); 7] = [
             (
                 "sync_server_health_checks_total",
                 "counter",
-                "health checks made",
+                "active health checks finished",
                 load(&self.checks_total),
             ),
             (
                 "sync_server_health_check_failures_total",
                 "counter",
-                "health checks that failed or answered NOT_SERVING",
+                "active health checks that failed (no connection, error, timeout, unknown status)",
                 load(&self.failures_total),
             ),
             (
                 "sync_server_health_unhealthy_endpoints",
                 "gauge",
-                "endpoints unhealthy or not serving now",
+                "checked endpoints now unhealthy or not serving",
                 load(&self.unhealthy),
             ),
             (
                 "sync_server_health_targets",
                 "gauge",
-                "endpoints being checked",
+                "endpoints being health-checked",
                 load(&self.targets),
             ),
             (
@@ -185,8 +205,8 @@ impl HealthMetrics {
             (
                 "sync_server_health_connections",
                 "gauge",
-                "connections kept to endpoints for health checks",
-                load(&self.connections),
+                "connections held to checked endpoints",
+                load(&self.connections_open),
             ),
         ];
         for (name, kind, help, value) in rows {
@@ -198,25 +218,79 @@ impl HealthMetrics {
     }
 }
 
-/// A checked endpoint: its state, its connection between checks, and a
-/// generation so that a result or a due time of a removed-and-re-added
-/// endpoint is not taken for the new one's.
-struct Checked {
-    tracker: Tracker,
-    channel: Option<Channel>,
-    generation: u64,
+/// What one check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    Serving,
+    NotServing,
+    Failed,
 }
 
-/// One finished check.
-struct Done {
-    target: Target,
-    generation: u64,
-    outcome: Outcome,
-    channel: Option<Channel>,
+/// A target's health state machine, without sockets or clocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracker {
+    /// `None` until the first decisive answer.
+    state: Option<Health>,
+    successes_in_row: u32,
+    failures_in_row: u32,
 }
 
-/// Checks every target of the latest set in `targets` until `shutdown`,
-/// and sends a [`Transition`] on every change.
+impl Tracker {
+    pub fn new() -> Self {
+        Tracker::default()
+    }
+
+    /// The current state; `None` is Unknown.
+    pub fn state(&self) -> Option<Health> {
+        self.state
+    }
+
+    /// Takes in one check's result; returns the new state if it changed.
+    pub fn observe(
+        &mut self,
+        observation: Observation,
+        unhealthy_threshold: u32,
+        healthy_threshold: u32,
+    ) -> Option<Health> {
+        let next = match observation {
+            Observation::Serving => {
+                self.failures_in_row = 0;
+                self.successes_in_row = self.successes_in_row.saturating_add(1);
+                match self.state {
+                    None => Some(Health::Healthy),
+                    Some(Health::Healthy) => None,
+                    Some(Health::Unhealthy | Health::NotServing) => (self.successes_in_row
+                        >= healthy_threshold.max(1))
+                    .then_some(Health::Healthy),
+                }
+            }
+            Observation::NotServing => {
+                self.failures_in_row = 0;
+                self.successes_in_row = 0;
+                Some(Health::NotServing)
+            }
+            Observation::Failed => {
+                self.successes_in_row = 0;
+                self.failures_in_row = self.failures_in_row.saturating_add(1);
+                (self.failures_in_row >= unhealthy_threshold.max(1)).then_some(Health::Unhealthy)
+            }
+        };
+        match next {
+            Some(health) if self.state != Some(health) => {
+                self.state = Some(health);
+                Some(health)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Runs until `shutdown`; checks every target of the latest set in
+/// `targets`; sends a [`Transition`] on every state change.
+///
+/// If the `targets` sender goes away the last set keeps being checked. When
+/// this returns, every connection is closed and checks in flight are
+/// abandoned.
 pub async fn run(
     config: HealthConfig,
     mut targets: watch::Receiver<Arc<BTreeSet<Target>>>,
@@ -224,243 +298,552 @@ pub async fn run(
     metrics: Arc<HealthMetrics>,
     shutdown: CancellationToken,
 ) {
-    let config = Arc::new(config);
-    let permits = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
-    let mut rng = SplitMix64::new(Instant::now().elapsed().as_nanos() as u64 ^ 0x5eed);
-    let mut checked: HashMap<Target, Checked> = HashMap::new();
-    let mut due: BinaryHeap<Reverse<(Instant, u64, Target)>> = BinaryHeap::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut generation = 0u64;
-    let mut current: Arc<BTreeSet<Target>> = Arc::default();
-    targets.mark_changed();
+    let mut scheduler = Scheduler::new(config, out, Arc::clone(&metrics));
+    let initial = Arc::clone(&targets.borrow_and_update());
+    scheduler.set_targets(&initial);
+    let mut targets_open = true;
     loop {
-        let next_due = due.peek().map(|Reverse((at, _, _))| *at);
+        scheduler.launch_due();
+        let next_due = scheduler.next_due();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = targets.changed() => {
-                if changed.is_err() {
-                    return;
+            biased;
+            _ = shutdown.cancelled() => break,
+            changed = targets.changed(), if targets_open => match changed {
+                Ok(()) => {
+                    let latest = Arc::clone(&targets.borrow_and_update());
+                    scheduler.set_targets(&latest);
                 }
-                let latest = targets.borrow_and_update().clone();
-                for gone in current.difference(&latest) {
-                    if let Some(old) = checked.remove(gone) {
-                        forget(&old, &metrics);
-                    }
-                }
-                for new in latest.difference(&current) {
-                    generation += 1;
-                    checked.insert(new.clone(), Checked { tracker: Tracker::default(), channel: None, generation });
-                    let offset = jitter(&mut rng, config.interval, 0.0, 1.0);
-                    due.push(Reverse((Instant::now() + offset, generation, new.clone())));
-                }
-                current = latest;
-                metrics.targets.store(checked.len() as u64, Ordering::Relaxed);
+                Err(_) => targets_open = false,
+            },
+            Some(joined) = scheduler.checks.join_next_with_id(), if !scheduler.checks.is_empty() => {
+                scheduler.finish(joined);
             }
-            _ = sleep_until(next_due) => {
-                let now = Instant::now();
-                while let Some(Reverse((at, _, _))) = due.peek() {
-                    if *at > now {
-                        break;
-                    }
-                    let Some(Reverse((_, generation, target))) = due.pop() else { break };
-                    let Some(entry) = checked.get_mut(&target).filter(|c| c.generation == generation) else {
-                        continue;
-                    };
-                    let channel = entry.channel.take();
-                    tokio::spawn(check(
-                        Arc::clone(&config),
-                        Arc::clone(&permits),
-                        Arc::clone(&metrics),
-                        target,
-                        generation,
-                        channel,
-                        done_tx.clone(),
-                    ));
-                }
-            }
-            Some(done) = done_rx.recv() => {
-                let Some(entry) = checked.get_mut(&done.target).filter(|c| c.generation == done.generation) else {
-                    // Removed while in flight: its connection goes with it.
-                    if done.channel.is_some() {
-                        metrics.connections.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    continue;
-                };
-                entry.channel = done.channel;
-                let before = entry.tracker.health();
-                if let Some(health) = entry.tracker.record(done.outcome, &config) {
-                    let was_out = before.is_some_and(|h| !h.takes_calls());
-                    match (was_out, health.takes_calls()) {
-                        (false, false) => { metrics.unhealthy.fetch_add(1, Ordering::Relaxed); }
-                        (true, true) => { metrics.unhealthy.fetch_sub(1, Ordering::Relaxed); }
-                        _ => {}
-                    }
-                    let _ = out.send(Transition { target: done.target.clone(), health });
-                }
-                let next = Instant::now() + jitter(&mut rng, config.interval, 0.9, 1.1);
-                due.push(Reverse((next, done.generation, done.target)));
-            }
+            _ = sleep_until_or_never(next_due) => {}
         }
     }
+    // Abort checks before forgetting targets, so no result arrives late.
+    scheduler.checks.shutdown().await;
+    scheduler.set_targets(&BTreeSet::new());
 }
 
-/// Undoes what a removed endpoint counted.
-fn forget(old: &Checked, metrics: &HealthMetrics) {
-    if old.channel.is_some() {
-        metrics.connections.fetch_sub(1, Ordering::Relaxed);
-    }
-    if old.tracker.health().is_some_and(|h| !h.takes_calls()) {
-        metrics.unhealthy.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+async fn sleep_until_or_never(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,
     }
 }
 
-/// `interval` × a random factor in `[low, high)`.
-fn jitter(rng: &mut SplitMix64, interval: Duration, low: f64, high: f64) -> Duration {
-    let unit = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    interval.mul_f64(low + (high - low) * unit)
+/// One target the scheduler knows, under an id that is new each time the
+/// target joins, so results and heap entries of an earlier membership miss.
+struct Entry {
+    target: Target,
+    tracker: Tracker,
+    channel: Option<HeldChannel>,
+    /// The check in flight, aborted if the target leaves.
+    check: Option<AbortHandle>,
 }
 
-/// Makes one check once a permit is free, and reports it.
-async fn check(
-    config: Arc<HealthConfig>,
-    permits: Arc<Semaphore>,
+/// A channel counted in `connections_open` for as long as it is held.
+struct HeldChannel {
+    channel: Channel,
     metrics: Arc<HealthMetrics>,
-    target: Target,
-    generation: u64,
-    channel: Option<Channel>,
-    done: mpsc::UnboundedSender<Done>,
-) {
-    let Ok(_permit) = permits.acquire_owned().await else {
-        return;
-    };
-    let in_flight = metrics.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-    metrics
-        .peak_in_flight
-        .fetch_max(in_flight, Ordering::Relaxed);
-    let had_channel = channel.is_some();
-    let channel = channel.or_else(|| connect(&target.addr, config.timeout));
-    let name = match &config.check_name {
-        CheckName::Registry => target.service.to_string(),
-        CheckName::Empty => String::new(),
-        CheckName::Fixed(name) => name.clone(),
-    };
-    let outcome = match &channel {
-        Some(channel) => {
-            let mut client = HealthClient::new(channel.clone());
-            let request = HealthCheckRequest { service: name };
-            match tokio::time::timeout(config.timeout, client.check(request)).await {
-                Ok(Ok(answer)) => match ServingStatus::try_from(answer.get_ref().status) {
-                    Ok(ServingStatus::Serving) => Outcome::Serving,
-                    Ok(ServingStatus::NotServing) => Outcome::NotServing,
-                    _ => Outcome::Failed,
-                },
-                _ => Outcome::Failed,
+}
+
+impl HeldChannel {
+    fn new(channel: Channel, metrics: &Arc<HealthMetrics>) -> Self {
+        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        HeldChannel {
+            channel,
+            metrics: Arc::clone(metrics),
+        }
+    }
+}
+
+impl Drop for HeldChannel {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a check in `in_flight` until it ends or is aborted.
+struct InFlight(Arc<HealthMetrics>);
+
+impl InFlight {
+    fn start(metrics: &Arc<HealthMetrics>) -> Self {
+        let now = metrics.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(Arc::clone(metrics))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Scheduler {
+    config: HealthConfig,
+    out: mpsc::UnboundedSender<Transition>,
+    metrics: Arc<HealthMetrics>,
+    permits: Arc<Semaphore>,
+    rng: SplitMix64,
+    next_id: u64,
+    entries: HashMap<u64, Entry>,
+    ids: HashMap<Target, u64>,
+    /// Next-due times; entries of forgotten ids are skipped when popped.
+    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    checks: JoinSet<(u64, Observation)>,
+    /// Which entry each running check task is for (to learn of a panic).
+    running: HashMap<tokio::task::Id, u64>,
+}
+
+impl Scheduler {
+    fn new(
+        mut config: HealthConfig,
+        out: mpsc::UnboundedSender<Transition>,
+        metrics: Arc<HealthMetrics>,
+    ) -> Self {
+        config.interval = config
+            .interval
+            .clamp(Duration::from_millis(1), Duration::from_secs(86_400));
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Scheduler {
+            permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            config,
+            out,
+            metrics,
+            rng: SplitMix64::new(seed),
+            next_id: 0,
+            entries: HashMap::new(),
+            ids: HashMap::new(),
+            due: BinaryHeap::new(),
+            checks: JoinSet::new(),
+            running: HashMap::new(),
+        }
+    }
+
+    /// Forgets targets not in `latest` and schedules the new ones.
+    fn set_targets(&mut self, latest: &BTreeSet<Target>) {
+        let gone: Vec<Target> = self
+            .ids
+            .keys()
+            .filter(|t| !latest.contains(*t))
+            .cloned()
+            .collect();
+        for target in gone {
+            if let Some(entry) = self
+                .ids
+                .remove(&target)
+                .and_then(|id| self.entries.remove(&id))
+            {
+                if entry.tracker.state().is_some_and(|h| !h.takes_calls()) {
+                    self.metrics.unhealthy.fetch_sub(1, Ordering::Relaxed);
+                }
+                // Frees its permit and its connection now, not at the timeout.
+                if let Some(check) = entry.check {
+                    check.abort();
+                }
             }
         }
-        None => Outcome::Failed,
-    };
-    metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    metrics.checks_total.fetch_add(1, Ordering::Relaxed);
-    if outcome != Outcome::Serving {
-        metrics.failures_total.fetch_add(1, Ordering::Relaxed);
-    }
-    // After a failure the connection is made afresh next time.
-    let keep = (outcome != Outcome::Failed).then_some(channel).flatten();
-    match (had_channel, keep.is_some()) {
-        (false, true) => {
-            metrics.connections.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        for target in latest {
+            if self.ids.contains_key(target) {
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let first = now + self.random_below(self.config.interval);
+            self.due.push(Reverse((first, id)));
+            self.ids.insert(target.clone(), id);
+            self.entries.insert(
+                id,
+                Entry {
+                    target: target.clone(),
+                    tracker: Tracker::new(),
+                    channel: None,
+                    check: None,
+                },
+            );
         }
-        (true, false) => {
-            metrics.connections.fetch_sub(1, Ordering::Relaxed);
-        }
-        _ => {}
+        self.metrics
+            .targets
+            .store(self.entries.len() as u64, Ordering::Relaxed);
     }
-    let _ = done.send(Done {
-        target,
-        generation,
-        outcome,
-        channel: keep,
-    });
+
+    fn random_below(&mut self, limit: Duration) -> Duration {
+        let nanos = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.rng.next_u64() % nanos)
+    }
+
+    /// The interval, ±10% at random.
+    fn jittered_interval(&mut self) -> Duration {
+        let interval = self.config.interval;
+        let tenth = interval / 10;
+        (interval - tenth) + self.random_below(tenth * 2)
+    }
+
+    /// When the earliest live entry is due, if a permit is free to run it;
+    /// otherwise the next finished check wakes the scheduler.
+    fn next_due(&mut self) -> Option<Instant> {
+        if self.permits.available_permits() == 0 {
+            return None;
+        }
+        while let Some(&Reverse((due, id))) = self.due.peek() {
+            if self.entries.contains_key(&id) {
+                return Some(due);
+            }
+            self.due.pop();
+        }
+        None
+    }
+
+    /// Spawns every check that is due, as far as permits allow.
+    fn launch_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((due, id))) = self.due.peek() {
+            if due > now {
+                break;
+            }
+            if !self.entries.contains_key(&id) {
+                self.due.pop();
+                continue;
+            }
+            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                break;
+            };
+            self.due.pop();
+            self.launch(id, permit);
+        }
+    }
+
+    fn launch(&mut self, id: u64, permit: OwnedSemaphorePermit) {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let timeout = self.config.timeout;
+        if entry.channel.is_none() {
+            entry.channel = connect_lazy(&entry.target.addr, timeout)
+                .map(|channel| HeldChannel::new(channel, &self.metrics));
+        }
+        let channel = entry.channel.as_ref().map(|held| held.channel.clone());
+        let service = self.config.check_name.for_target(&entry.target).to_owned();
+        let in_flight = InFlight::start(&self.metrics);
+        let handle = self.checks.spawn(async move {
+            let observation = match channel {
+                Some(channel) => check(channel, service, timeout).await,
+                None => Observation::Failed,
+            };
+            // Free the permit before the scheduler sees the result, so it
+            // can launch the next check at once.
+            drop(in_flight);
+            drop(permit);
+            (id, observation)
+        });
+        self.running.insert(handle.id(), id);
+        entry.check = Some(handle);
+    }
+
+    fn finish(
+        &mut self,
+        joined: Result<(tokio::task::Id, (u64, Observation)), tokio::task::JoinError>,
+    ) {
+        let (id, observation) = match joined {
+            Ok((task, result)) => {
+                self.running.remove(&task);
+                result
+            }
+            Err(error) => {
+                let Some(id) = self.running.remove(&error.id()) else {
+                    return;
+                };
+                if error.is_cancelled() {
+                    // Aborted because its target left.
+                    return;
+                }
+                tracing::error!(%error, "a health check task ended without a result");
+                (id, Observation::Failed)
+            }
+        };
+        self.metrics.checks_total.fetch_add(1, Ordering::Relaxed);
+        if observation == Observation::Failed {
+            self.metrics.failures_total.fetch_add(1, Ordering::Relaxed);
+        }
+        let next = Instant::now() + self.jittered_interval();
+        // The target may have left while its check ran.
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        entry.check = None;
+        if observation == Observation::Failed {
+            // Reconnect next time: the backend may have restarted.
+            entry.channel = None;
+        }
+        let was_unhealthy = entry.tracker.state().is_some_and(|h| !h.takes_calls());
+        if let Some(health) = entry.tracker.observe(
+            observation,
+            self.config.unhealthy_threshold,
+            self.config.healthy_threshold,
+        ) {
+            match (was_unhealthy, health.takes_calls()) {
+                (false, false) => self.metrics.unhealthy.fetch_add(1, Ordering::Relaxed),
+                (true, true) => self.metrics.unhealthy.fetch_sub(1, Ordering::Relaxed),
+                _ => 0,
+            };
+            tracing::info!(service = %entry.target.service, addr = %entry.target.addr, health = health.name(), "health changed");
+            let _ = self.out.send(Transition {
+                target: entry.target.clone(),
+                health,
+            });
+        }
+        self.due.push(Reverse((next, id)));
+    }
 }
 
-/// A lazily connected HTTP/2 channel to `addr`; `None` if it is no address.
-fn connect(addr: &str, timeout: Duration) -> Option<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    Some(
-        endpoint
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect_lazy(),
-    )
+/// A channel that connects on first use; `None` if `addr` is no URI
+/// authority (every check of it then fails).
+fn connect_lazy(addr: &str, timeout: Duration) -> Option<Channel> {
+    match Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(endpoint) => Some(
+            endpoint
+                .connect_timeout(timeout)
+                .timeout(timeout)
+                .tcp_nodelay(true)
+                .connect_lazy(),
+        ),
+        Err(error) => {
+            // Debug: it recurs every interval; the registry validates addresses.
+            tracing::debug!(%addr, %error, "cannot health-check this address");
+            None
+        }
+    }
+}
+
+async fn check(channel: Channel, service: String, timeout: Duration) -> Observation {
+    let mut client = HealthClient::new(channel);
+    let answer = tokio::time::timeout(timeout, client.check(HealthCheckRequest { service })).await;
+    match answer {
+        Ok(Ok(response)) => match ServingStatus::try_from(response.get_ref().status) {
+            Ok(ServingStatus::Serving) => Observation::Serving,
+            Ok(ServingStatus::NotServing) => Observation::NotServing,
+            Ok(ServingStatus::Unknown | ServingStatus::ServiceUnknown) | Err(_) => {
+                Observation::Failed
+            }
+        },
+        Ok(Err(status)) => {
+            tracing::debug!(code = ?status.code(), message = status.message(), "health check failed");
+            Observation::Failed
+        }
+        Err(_) => Observation::Failed,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Observation::{Failed, NotServing, Serving};
 
-    fn config() -> HealthConfig {
-        HealthConfig {
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(100),
-            unhealthy_threshold: 3,
-            healthy_threshold: 2,
-            max_concurrent: 4,
-            check_name: CheckName::Registry,
-        }
+    /// Feeds `observations` with thresholds 3 (unhealthy) and 2 (healthy);
+    /// returns the transitions.
+    fn run_tracker(observations: &[Observation]) -> Vec<Option<Health>> {
+        let mut tracker = Tracker::new();
+        observations
+            .iter()
+            .map(|o| tracker.observe(*o, 3, 2))
+            .collect()
     }
 
     #[test]
-    fn thresholds_and_not_serving() {
-        let c = config();
-        let mut t = Tracker::default();
-        assert_eq!(t.record(Outcome::Serving, &c), Some(Health::Healthy));
-        assert_eq!(t.record(Outcome::Serving, &c), None);
-        assert_eq!(t.record(Outcome::Failed, &c), None);
-        assert_eq!(t.record(Outcome::Failed, &c), None);
+    fn first_serving_is_healthy_at_once() {
         assert_eq!(
-            t.record(Outcome::Serving, &c),
-            None,
-            "the run of failures ends"
+            run_tracker(&[Serving, Serving]),
+            [Some(Health::Healthy), None]
         );
-        for _ in 0..2 {
-            assert_eq!(t.record(Outcome::Failed, &c), None);
-        }
-        assert_eq!(t.record(Outcome::Failed, &c), Some(Health::Unhealthy));
-        assert_eq!(t.record(Outcome::Serving, &c), None);
-        assert_eq!(t.record(Outcome::Serving, &c), Some(Health::Healthy));
-        assert_eq!(
-            t.record(Outcome::NotServing, &c),
-            Some(Health::NotServing),
-            "at once"
-        );
-        assert_eq!(t.record(Outcome::Serving, &c), None);
-        assert_eq!(
-            t.record(Outcome::NotServing, &c),
-            None,
-            "the run of passes ends"
-        );
-        assert_eq!(t.record(Outcome::Serving, &c), None);
-        assert_eq!(t.record(Outcome::Serving, &c), Some(Health::Healthy));
-        // Unknown: failures reach the threshold before it is out.
-        let mut fresh = Tracker::default();
-        assert_eq!(fresh.record(Outcome::Failed, &c), None);
-        assert_eq!(fresh.record(Outcome::Failed, &c), None);
-        assert_eq!(fresh.record(Outcome::Failed, &c), Some(Health::Unhealthy));
     }
 
     #[test]
-    fn jitter_stays_in_its_band() {
-        let mut rng = SplitMix64::new(1);
+    fn failures_in_a_row_reach_unhealthy_once() {
+        assert_eq!(
+            run_tracker(&[Failed, Failed, Failed, Failed]),
+            [None, None, Some(Health::Unhealthy), None]
+        );
+        assert_eq!(
+            run_tracker(&[Serving, Failed, Failed, Failed]),
+            [Some(Health::Healthy), None, None, Some(Health::Unhealthy)]
+        );
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        assert_eq!(
+            run_tracker(&[Serving, Failed, Failed, Serving, Failed, Failed]),
+            [Some(Health::Healthy), None, None, None, None, None]
+        );
+    }
+
+    #[test]
+    fn not_serving_is_at_once_and_needs_the_healthy_threshold_back() {
+        assert_eq!(
+            run_tracker(&[Serving, NotServing, NotServing, Serving, Serving, Serving]),
+            [
+                Some(Health::Healthy),
+                Some(Health::NotServing),
+                None,
+                None,
+                Some(Health::Healthy),
+                None
+            ]
+        );
+        assert_eq!(run_tracker(&[NotServing]), [Some(Health::NotServing)]);
+    }
+
+    #[test]
+    fn unhealthy_needs_successes_in_a_row() {
+        assert_eq!(
+            run_tracker(&[Failed, Failed, Failed, Serving, Failed, Serving, Serving]),
+            [
+                None,
+                None,
+                Some(Health::Unhealthy),
+                None,
+                None,
+                None,
+                Some(Health::Healthy)
+            ]
+        );
+    }
+
+    #[test]
+    fn not_serving_then_silent_becomes_unhealthy() {
+        assert_eq!(
+            run_tracker(&[NotServing, Failed, Failed, Failed, NotServing]),
+            [
+                Some(Health::NotServing),
+                None,
+                None,
+                Some(Health::Unhealthy),
+                Some(Health::NotServing)
+            ]
+        );
+    }
+
+    #[test]
+    fn extreme_intervals_are_held_in_range() {
+        assert!(scheduler(Duration::ZERO).jittered_interval() >= Duration::from_micros(900));
+        let mut huge = scheduler(Duration::MAX);
+        assert!(huge.jittered_interval() <= Duration::from_secs(86_400 * 11 / 10));
+        huge.set_targets(&targets(["a".to_owned()]));
+    }
+
+    #[test]
+    fn zero_thresholds_count_as_one() {
+        let mut tracker = Tracker::new();
+        assert_eq!(tracker.observe(Failed, 0, 0), Some(Health::Unhealthy));
+        assert_eq!(tracker.observe(Serving, 0, 0), Some(Health::Healthy));
+    }
+
+    #[test]
+    fn metrics_render_help_type_and_value() {
+        let metrics = HealthMetrics::default();
+        metrics.checks_total.store(7, Ordering::Relaxed);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(out.contains(
+            "# HELP sync_server_health_checks_total active health checks finished\n\
+             # TYPE sync_server_health_checks_total counter\n\
+             sync_server_health_checks_total 7\n"
+        ));
+        for name in [
+            "sync_server_health_check_failures_total",
+            "sync_server_health_unhealthy_endpoints",
+            "sync_server_health_targets",
+            "sync_server_health_checks_in_flight",
+            "sync_server_health_connections",
+        ] {
+            assert!(out.contains(&format!("\n{name} 0\n")), "{name} in {out}");
+        }
+    }
+
+    fn scheduler(interval: Duration) -> Scheduler {
+        let (out, _transitions) = mpsc::unbounded_channel();
+        let config = HealthConfig {
+            interval,
+            ..HealthConfig::default()
+        };
+        Scheduler::new(config, out, Arc::default())
+    }
+
+    fn targets(names: impl IntoIterator<Item = String>) -> BTreeSet<Target> {
+        names
+            .into_iter()
+            .map(|name| Target {
+                service: Arc::from(name.as_str()),
+                addr: "127.0.0.1:1".to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_checks_spread_over_one_interval() {
+        let interval = Duration::from_secs(10);
+        let mut scheduler = scheduler(interval);
+        let before = Instant::now();
+        scheduler.set_targets(&targets((0..1000).map(|n| format!("svc.{n}"))));
+        let mut per_second = [0u32; 10];
+        for Reverse((due, _)) in &scheduler.due {
+            let offset = due.duration_since(before);
+            assert!(offset < interval + Duration::from_secs(1), "{offset:?}");
+            per_second[(offset.as_secs() as usize).min(9)] += 1;
+        }
+        // About 100 each; all at once would be 1000 in one.
+        assert!(
+            per_second.iter().all(|n| (50..=150).contains(n)),
+            "{per_second:?}"
+        );
+    }
+
+    #[test]
+    fn a_new_set_changes_only_what_differs() {
+        let mut scheduler = scheduler(Duration::from_secs(1));
+        let first = targets(["a", "b"].map(String::from));
+        scheduler.set_targets(&first);
+        let b = first.iter().nth(1).cloned().expect("b");
+        let id_of_b = scheduler.ids[&b];
+
+        scheduler.set_targets(&targets(["b", "c"].map(String::from)));
+        assert_eq!(scheduler.ids[&b], id_of_b, "b keeps its state");
+        let mut names: Vec<&str> = scheduler.ids.keys().map(|t| &*t.service).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["b", "c"]);
+        assert_eq!(scheduler.entries.len(), 2);
+        assert_eq!(scheduler.metrics.targets.load(Ordering::Relaxed), 2);
+
+        // Back again: a new id, so it starts Unknown.
+        scheduler.set_targets(&first);
+        let a = first.iter().next().cloned().expect("a");
+        assert!(scheduler.ids[&a] > id_of_b);
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let mut scheduler = scheduler(Duration::from_millis(1000));
         for _ in 0..1000 {
-            let d = jitter(&mut rng, Duration::from_millis(1000), 0.9, 1.1);
-            assert!((900..1100).contains(&d.as_millis()), "{d:?}");
+            let d = scheduler.jittered_interval();
+            assert!(
+                d >= Duration::from_millis(900) && d < Duration::from_millis(1100),
+                "{d:?}"
+            );
+            assert!(
+                scheduler.random_below(Duration::from_millis(1000)) < Duration::from_millis(1000)
+            );
         }
+        assert_eq!(scheduler.random_below(Duration::ZERO), Duration::ZERO);
     }
 }
