@@ -83,6 +83,11 @@ struct Cli {
     /// Run only the health-check section and keep the other figures.
     #[arg(long, conflicts_with_all = ["scale_only", "cost_only"])]
     health_only: bool,
+    /// Measure nothing: write RESULTS.md anew from results.json and
+    /// before.json (after a partial run, to set `before` to the last full
+    /// run's figures).
+    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only"])]
+    report_only: bool,
     /// Where the results go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
@@ -95,6 +100,14 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
+    if cli.report_only {
+        let before: serde_json::Value = std::fs::read(cli.out.join("before.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        std::fs::write(cli.out.join("RESULTS.md"), report::markdown(&last, &before))?;
+        return Ok(());
+    }
     let cost_options = cost::CostOptions {
         rounds: cli.rounds,
         calls: cli.calls,
@@ -150,7 +163,25 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
     };
+    // A partial run says which sections it measured and where the others
+    // come from, so the report does not pass them off as this run's.
+    let partial = cli.cost_only || cli.scale_only || cli.health_only;
+    let rerun = match (cli.cost_only, cli.scale_only, cli.health_only) {
+        (true, _, _) => "cost",
+        (_, true, _) => "scale",
+        (_, _, true) => "health",
+        _ => "all",
+    };
+    let kept_from = if partial {
+        last.get("kept_from")
+            .cloned()
+            .unwrap_or_else(|| last["environment"]["date"].clone())
+    } else {
+        serde_json::Value::Null
+    };
     let results = json!({
+        "rerun": rerun,
+        "kept_from": kept_from,
         "environment": report::environment(),
         "cost": cost,
         "propagation": propagation,
