@@ -41,6 +41,8 @@ run: build
 # Unit tests, then end-to-end tests against real etcd and Envoy.
 test: wasm
 	@$(ETCD_MESH_ENVOY) --version | grep .
+	@# The end-to-end tests SIGKILL real backend processes.
+	$(CARGO) build -p etcd-mesh-demo --bin demo-backend
 	$(CARGO) test --workspace
 
 # The routing, plugin, gRPC and delta suites on every Envoy of ENVOY_MATRIX (the

@@ -6,7 +6,7 @@ use etcd_mesh_demo::client::{self, split};
 use etcd_mesh_demo::proto::SayRequest;
 use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions};
 use etcd_mesh_demo::DEMO_SERVICE;
-use etcd_mesh_e2e::{settle_on, Backend, Mesh, DEADLINE};
+use etcd_mesh_e2e::{settle_on, Backend, BackendProcess, Mesh, DEADLINE};
 use etcd_mesh_routing::SlowStart;
 use etcd_mesh_wire::{Endpoint, Health};
 use std::collections::BTreeMap;
@@ -77,7 +77,7 @@ fn all_healthy(endpoints: &[Endpoint]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_backend_stops_taking_calls_from_two_envoys_within_the_thresholds() {
+async fn a_sigkilled_backend_stops_taking_calls_from_two_envoys_within_the_thresholds() {
     let mesh = Mesh::start_configured(options(NO_EJECTION), health_checked).await;
     let dir = tempfile::tempdir().expect("temporary dir");
     let second = Envoy::start(
@@ -89,8 +89,13 @@ async fn a_killed_backend_stops_taking_calls_from_two_envoys_within_the_threshol
     )
     .await
     .expect("the second Envoy starts");
-    let backends = mesh.weighted_backends(&[1, 1, 1]).await;
+    // Real processes, so that one can be SIGKILLed; a lease longer than
+    // the test, so that only the health checks can take it out.
+    let mut backends: Vec<BackendProcess> = (0..3)
+        .map(|_| BackendProcess::start(&mesh.etcd_endpoints(), 1, 60))
+        .collect();
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    mesh.settle(&addrs).await;
     settle_on(mesh.sync_addr, &second, &addrs).await;
     wait_served(
         &mesh,
@@ -104,10 +109,10 @@ async fn a_killed_backend_stops_taking_calls_from_two_envoys_within_the_threshol
         clients.push(client::connect(envoy.listen).await.expect("connect"));
     }
 
-    // The process dies; its lease lives on in etcd.
+    // SIGKILL: no deregistration; its lease lives on in etcd.
     let killed = backends[0].addr.to_string();
     let killed_at = Instant::now();
-    backends[0].stop_serving();
+    backends[0].kill();
     let budget = INTERVAL * UNHEALTHY_THRESHOLD + Duration::from_millis(500);
     let mut failed = [0usize; 2];
     let mut last_failure = [Duration::ZERO; 2];

@@ -260,6 +260,50 @@ impl Drop for Backend {
     }
 }
 
+/// A `demo-backend` process (built by `make test`), registered in etcd by
+/// itself: what a real instance is, so that a test can SIGKILL it.
+pub struct BackendProcess {
+    pub addr: SocketAddr,
+    proc: etcd_mesh_demo::stack::Proc,
+    _dir: TempDir,
+}
+
+impl BackendProcess {
+    /// Starts one on a free port with `weight` and a lease of `ttl_s`
+    /// seconds; the caller waits for it to be listed.
+    pub fn start(etcd: &[String], weight: u32, ttl_s: u64) -> BackendProcess {
+        let binary = etcd_mesh_demo::stack::workspace_root().join("target/debug/demo-backend");
+        assert!(
+            binary.exists(),
+            "no {}: `make test` builds it (cargo build -p etcd-mesh-demo --bin demo-backend)",
+            binary.display()
+        );
+        let port = etcd_mesh_demo::stack::free_port().expect("a free port");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let dir = tempfile::tempdir().expect("temporary dir");
+        let mut command = std::process::Command::new(binary);
+        command
+            .args(["--etcd", &etcd.join(","), "--listen", &addr.to_string()])
+            .args(["--weight", &weight.to_string(), "--ttl", &ttl_s.to_string()]);
+        let proc = etcd_mesh_demo::stack::Proc::spawn(
+            "demo-backend",
+            command,
+            dir.path().join("backend.log"),
+        )
+        .expect("demo-backend starts");
+        BackendProcess {
+            addr,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL: no deregistration, the lease lives until its TTL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+}
+
 /// The longest one call of a load run may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -142,6 +142,10 @@ async fn run() -> Result<(), String> {
         envoy.listen
     );
     println!("watch http://{sync_addr}/v1/snapshot change as backends come and go.");
+    println!(
+        "Health checks run every 500 ms: `kill -9` a demo-backend and its endpoint turns\n\
+         \"unhealthy\" there within 1.5 s, and Envoy stops sending it calls."
+    );
     println!("Ctrl-C stops everything.");
 
     wait_for_stop_signal().await;
