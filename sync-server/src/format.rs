@@ -56,28 +56,44 @@ pub struct WatchSpec {
     pub prefix: String,
     /// The zone of registrations that name none (openim-v2 values cannot).
     pub zone: Option<String>,
+    /// Whether sync-server's health checks (when on) check what is read
+    /// here; `health=off` leaves these endpoints unchecked.
+    pub health_checks: bool,
 }
 
 impl FromStr for WatchSpec {
     type Err = String;
-    /// `<format>=<prefix>[,zone=<zone>]`, as given to `--watch`.
+    /// `<format>=<prefix>[,zone=<zone>][,health=on|off]`, as given to
+    /// `--watch` (so a prefix cannot hold a comma).
     fn from_str(s: &str) -> Result<Self, String> {
         let (format, rest) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?} is not <format>=<prefix>"))?;
-        let (prefix, zone) = match rest.rsplit_once(",zone=") {
-            Some((_, "")) => return Err(format!("{s:?} has an empty zone")),
-            Some((prefix, zone)) => (prefix, Some(zone.to_owned())),
-            None => (rest, None),
-        };
+        let mut parts = rest.split(',');
+        let prefix = parts.next().unwrap_or_default();
         if prefix.is_empty() {
             return Err(format!("{s:?} has an empty prefix"));
         }
-        Ok(WatchSpec {
+        let mut spec = WatchSpec {
             format: format.parse()?,
             prefix: prefix.to_owned(),
-            zone,
-        })
+            zone: None,
+            health_checks: true,
+        };
+        for option in parts {
+            match option.split_once('=') {
+                Some(("zone", "")) => return Err(format!("{s:?} has an empty zone")),
+                Some(("zone", zone)) => spec.zone = Some(zone.to_owned()),
+                Some(("health", "on")) => spec.health_checks = true,
+                Some(("health", "off")) => spec.health_checks = false,
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown option {option:?} (zone=<zone> or health=on|off)"
+                    ))
+                }
+            }
+        }
+        Ok(spec)
     }
 }
 
@@ -202,6 +218,10 @@ mod tests {
             "the registration's own zone wins"
         );
         assert!("openim-v2=openim:///,zone=".parse::<WatchSpec>().is_err());
+        let unchecked: WatchSpec = "etcd-naming=svc/,health=off,zone=a".parse().expect("spec");
+        assert!(!unchecked.health_checks && unchecked.zone.as_deref() == Some("a"));
+        assert!(naming.health_checks, "checked unless told");
+        assert!("etcd-naming=svc/,colour=red".parse::<WatchSpec>().is_err());
     }
 
     #[test]

@@ -96,6 +96,7 @@ pub async fn run(
         let (targets_tx, targets_rx) = tokio::sync::watch::channel(Arc::default());
         let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(observe::follow_targets(
+            Arc::clone(&registry),
             publisher.clone(),
             targets_tx,
             shutdown.clone(),

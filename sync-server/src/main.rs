@@ -24,8 +24,10 @@ struct Cli {
     etcd: Vec<String>,
 
     /// A prefix to watch and its format, as <format>=<prefix>; formats:
-    /// etcd-naming, openim-v2. Repeat for several prefixes (in the
-    /// environment variable, separate them with spaces).
+    /// etcd-naming, openim-v2. Options after the prefix: `,zone=<zone>`
+    /// (for registrations that name none) and `,health=off` (not
+    /// health-checked). Repeat for several prefixes (in the environment
+    /// variable, separate them with spaces).
     #[arg(
         long = "watch",
         env = "SYNC_SERVER_WATCH",

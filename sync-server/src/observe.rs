@@ -17,16 +17,23 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// Every endpoint of the published tables, as health-check targets.
-pub fn targets_of(tables: &crate::registry::Tables) -> BTreeSet<Target> {
-    tables
+/// Every endpoint of the registry's tables read through a watch with
+/// health checks, as health-check targets.
+pub fn targets_of(registry: &Registry) -> BTreeSet<Target> {
+    registry
+        .tables()
         .services
         .iter()
         .flat_map(|(name, built)| {
-            built.service.endpoints.iter().map(|e| Target {
-                service: Arc::clone(name),
-                addr: e.addr.clone(),
-            })
+            built
+                .service
+                .endpoints
+                .iter()
+                .filter(|e| registry.checked(name, &e.addr))
+                .map(|e| Target {
+                    service: Arc::clone(name),
+                    addr: e.addr.clone(),
+                })
         })
         .collect()
 }
@@ -34,6 +41,7 @@ pub fn targets_of(tables: &crate::registry::Tables) -> BTreeSet<Target> {
 /// Sends the target list anew whenever the published revision moves (a
 /// health change alone does not change which endpoints exist).
 pub async fn follow_targets(
+    registry: Arc<Mutex<Registry>>,
     publisher: Publisher,
     targets: watch::Sender<Arc<BTreeSet<Target>>>,
     shutdown: CancellationToken,
@@ -45,7 +53,8 @@ pub async fn follow_targets(
         if let Some(current) = current {
             if sent_revision != Some(current.revision) {
                 sent_revision = Some(current.revision);
-                targets.send_replace(Arc::new(targets_of(&current.tables)));
+                let latest = targets_of(&lock(&registry));
+                targets.send_replace(Arc::new(latest));
             }
         }
         tokio::select! {

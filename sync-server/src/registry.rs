@@ -157,6 +157,8 @@ pub struct Registry {
     primed: bool,
     /// Services whose health changed since the last health commit.
     health_touched: HashSet<String>,
+    /// By service, the addresses read only through `health=off` watches.
+    unchecked: HashMap<String, HashSet<String>>,
     entries: HashMap<Id, Entry>,
     /// The entries that parsed, by service.
     by_service: HashMap<String, BTreeSet<Id>>,
@@ -180,6 +182,7 @@ impl Registry {
             observed: HashMap::new(),
             primed: false,
             health_touched: HashSet::new(),
+            unchecked: HashMap::new(),
             entries: HashMap::new(),
             by_service: HashMap::new(),
             duplicates: HashMap::new(),
@@ -392,6 +395,14 @@ impl Registry {
         commit
     }
 
+    /// Whether the endpoint came through a watch with health checks.
+    pub fn checked(&self, service: &str, addr: &str) -> bool {
+        !self
+            .unchecked
+            .get(service)
+            .is_some_and(|addrs| addrs.contains(addr))
+    }
+
     /// Whether an etcd listing has been committed: what is built stands
     /// for etcd's content (and not nothing yet).
     pub fn primed(&self) -> bool {
@@ -403,6 +414,7 @@ impl Registry {
     fn build(&mut self, name: &str, now_ms: u64) -> Option<Service> {
         let Some(ids) = self.by_service.get(name) else {
             self.observed.remove(name);
+            self.unchecked.remove(name);
             return None;
         };
         // addr → (mod_revision, id, endpoint) of the current winner.
@@ -435,10 +447,20 @@ impl Registry {
                 }
             }
         }
+        let unchecked: HashSet<String> = by_addr
+            .values()
+            .filter(|(_, id, _)| !self.specs.get(id.0).is_some_and(|s| s.health_checks))
+            .map(|(_, _, e)| e.addr.clone())
+            .collect();
         let mut endpoints: Vec<Endpoint> =
             by_addr.into_values().map(|(_, _, e)| e.clone()).collect();
         let ids: Vec<Id> = ids.iter().cloned().collect();
         self.observe(name, &mut endpoints, now_ms);
+        if unchecked.is_empty() {
+            self.unchecked.remove(name);
+        } else {
+            self.unchecked.insert(name.to_owned(), unchecked);
+        }
         for id in ids {
             if self.duplicates.remove(&id).is_some() {
                 self.touched_keys.insert(id.1.clone());
@@ -690,6 +712,17 @@ mod tests {
         r.commit_at(6_000);
         let both = endpoint(&r, "127.0.0.1:2");
         assert_eq!((both.weight, both.health), (7, Some(Health::NotServing)));
+
+        // Endpoints read through a `health=off` watch are not checked.
+        let mut mixed = Registry::new(vec![
+            "etcd-naming=svc/".parse().expect("spec"),
+            "etcd-naming=quiet/,health=off".parse().expect("spec"),
+        ]);
+        mixed.put(0, b"svc/s/a", &naming("127.0.0.1:1", 1), 2);
+        mixed.put(1, b"quiet/s/b", &naming("127.0.0.1:2", 1), 3);
+        mixed.commit_at(1_000);
+        assert!(mixed.checked("s", "127.0.0.1:1"));
+        assert!(!mixed.checked("s", "127.0.0.1:2"));
 
         // Gone and back: new again, its health forgotten.
         r.delete(0, b"svc/s/b");
