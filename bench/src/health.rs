@@ -66,6 +66,7 @@ async fn one_kill(health: bool, ejection: bool) -> anyhow::Result<(f64, f64)> {
                 unhealthy_threshold: 3,
                 healthy_threshold: 2,
                 max_concurrent: 64,
+                max_connections: sync_server::health::DEFAULT_MAX_CONNECTIONS,
                 check_name: CheckName::Registry,
             });
         }

@@ -86,9 +86,18 @@ pub struct HealthConfig {
     pub healthy_threshold: u32,
     /// Checks in flight at once, across all endpoints (0 counts as 1).
     pub max_concurrent: usize,
+    /// Connections kept between checks; beyond it, an endpoint gets a new
+    /// connection for each check, closed after it, so that a large
+    /// registry cannot run sync-server out of file descriptors (which would
+    /// fail checks and drain healthy endpoints).
+    pub max_connections: usize,
     /// What goes in `HealthCheckRequest.service`.
     pub check_name: CheckName,
 }
+
+/// The default of [`HealthConfig::max_connections`]: well under the usual
+/// descriptor limits once the HTTP side's own sockets are counted.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 impl Default for HealthConfig {
     fn default() -> Self {
@@ -98,6 +107,7 @@ impl Default for HealthConfig {
             unhealthy_threshold: 3,
             healthy_threshold: 2,
             max_concurrent: 256,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             check_name: CheckName::Registry,
         }
     }
@@ -529,11 +539,23 @@ impl Scheduler {
             return;
         };
         let timeout = self.config.timeout;
+        // Over the cap, a connection for this check only, closed with it.
+        let mut one_off = None;
         if entry.channel.is_none() {
-            entry.channel = connect_lazy(&entry.target.addr, timeout)
+            let fresh = connect_lazy(&entry.target.addr, timeout)
                 .map(|channel| HeldChannel::new(channel, &self.metrics));
+            let held = self.metrics.connections_open.load(Ordering::Relaxed);
+            if held <= self.config.max_connections as u64 {
+                entry.channel = fresh;
+            } else {
+                one_off = fresh;
+            }
         }
-        let channel = entry.channel.as_ref().map(|held| held.channel.clone());
+        let channel = entry
+            .channel
+            .as_ref()
+            .or(one_off.as_ref())
+            .map(|held| held.channel.clone());
         let service = self.config.check_name.for_target(&entry.target).to_owned();
         let in_flight = InFlight::start(&self.metrics);
         let handle = self.checks.spawn(async move {
@@ -543,6 +565,7 @@ impl Scheduler {
             };
             // Free the permit before the scheduler sees the result, so it
             // can launch the next check at once.
+            drop(one_off);
             drop(in_flight);
             drop(permit);
             (id, observation)

@@ -122,6 +122,12 @@ struct Cli {
           value_parser = clap::value_parser!(u64).range(1..))]
     health_max_concurrent: u64,
 
+    /// Connections kept to endpoints between checks; beyond it each check
+    /// connects anew (mind `ulimit -n`).
+    #[arg(long, env = "SYNC_SERVER_HEALTH_MAX_CONNECTIONS",
+          default_value_t = sync_server::health::DEFAULT_MAX_CONNECTIONS as u64)]
+    health_max_connections: u64,
+
     /// The service named in each check: `registry` (the registry name of
     /// the endpoint's service), `empty` (the server as a whole), or
     /// `name:<grpc service>`.
@@ -213,6 +219,7 @@ impl Cli {
                 unhealthy_threshold: self.health_unhealthy_threshold,
                 healthy_threshold: self.health_healthy_threshold,
                 max_concurrent: usize::try_from(self.health_max_concurrent).unwrap_or(usize::MAX),
+                max_connections: usize::try_from(self.health_max_connections).unwrap_or(usize::MAX),
                 check_name: self.health_service.clone(),
             });
         }

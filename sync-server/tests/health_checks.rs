@@ -29,6 +29,7 @@ fn config() -> HealthConfig {
         unhealthy_threshold: 3,
         healthy_threshold: 3,
         max_concurrent: 16,
+        max_connections: sync_server::health::DEFAULT_MAX_CONNECTIONS,
         check_name: CheckName::Empty,
     }
 }
@@ -206,6 +207,34 @@ async fn a_serving_backend_becomes_healthy_once() {
 
     let mut transitions = checker.stop().await;
     assert!(transitions.try_recv().is_err(), "no second transition");
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_connection_cap_each_check_connects_anew() {
+    let backend = Backend::start().await;
+    let config = HealthConfig {
+        max_connections: 2,
+        max_concurrent: 1,
+        ..config()
+    };
+    let names: Vec<Target> = (0..6)
+        .map(|n| target(&format!("svc.{n}"), backend.addr))
+        .collect();
+    let mut checker = Checker::start(config, names);
+    for _ in 0..6 {
+        assert_eq!(checker.next().await.health, Health::Healthy);
+    }
+    checker.wait_metric("checks", checks, |n| n >= 30).await;
+    // Two kept, and at most the one check in flight holding its own.
+    assert!(
+        checker.load(connections) <= 3,
+        "{}",
+        checker.load(connections)
+    );
+    assert_eq!(checker.load(failures), 0);
+    let mut transitions = checker.stop().await;
+    assert!(transitions.try_recv().is_err(), "all stayed healthy");
     backend.stop().await;
 }
 

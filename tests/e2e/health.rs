@@ -25,6 +25,7 @@ fn health_checked(config: &mut sync_server::Config) {
         unhealthy_threshold: UNHEALTHY_THRESHOLD,
         healthy_threshold: 2,
         max_concurrent: 64,
+        max_connections: sync_server::health::DEFAULT_MAX_CONNECTIONS,
         check_name: CheckName::Registry,
     });
 }
