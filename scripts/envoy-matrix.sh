@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test-envoy-matrix`: the routing, plugin, gRPC and delta suites
+# `make test-envoy-matrix`: the routing, plugin, gRPC, delta and health suites
 # (`make test-matrix-suites`) against each Envoy version named (`make test-matrix-suites ENVOY_VERSION=<v>`, which
 # installs it into its own venv when missing). Every version runs even when
 # one fails; then a table gives each version's result, test counts and wall
@@ -10,14 +10,14 @@ cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: $0 VERSION..." >&2; exit 2; }
 # The suites `make test-matrix-suites` runs: a version passes only if every
 # one of them reported a result.
-SUITES=4
+SUITES=5
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 rows=()
 total_passed=0
 total_failed=0
 for version in "$@"; do
-  printf '\n=== Envoy %s: routing, plugin, grpc, delta ===\n' "$version"
+  printf '\n=== Envoy %s: routing, plugin, grpc, delta, health ===\n' "$version"
   started=$(date +%s)
   "${MAKE:-make}" --no-print-directory test-matrix-suites ENVOY_VERSION="$version" 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
@@ -32,7 +32,7 @@ for version in "$@"; do
   rows+=("$(printf '%-8s  %-6s  %3d passed  %3d failed  %4d s' "$version" "$result" "$passed" "$failed" "$seconds")")
 done
 
-printf '\nEnvoy version matrix (routing, plugin, grpc, delta suites):\n'
+printf '\nEnvoy version matrix (routing, plugin, grpc, delta, health suites):\n'
 printf '  %s\n' "${rows[@]}"
 printf 'matrix: %d passed, %d failed\n' "$total_passed" "$total_failed"
 for row in "${rows[@]}"; do

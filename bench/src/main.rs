@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod cost;
+mod health;
 mod report;
 mod scale;
 mod traffic;
@@ -73,6 +74,20 @@ struct Cli {
     /// the whole registry: 0 skips them at sizes the client cannot hold).
     #[arg(long)]
     snapshot_long_polls: Option<usize>,
+    /// Rounds of the dead-backend runs (three variants each).
+    #[arg(long, default_value_t = 5)]
+    health_rounds: usize,
+    /// Endpoints health-checked in the cost run.
+    #[arg(long, default_value_t = 10_000)]
+    health_endpoints: usize,
+    /// Run only the health-check section and keep the other figures.
+    #[arg(long, conflicts_with_all = ["scale_only", "cost_only"])]
+    health_only: bool,
+    /// Measure nothing: write RESULTS.md anew from results.json and
+    /// before.json (after a partial run, to set `before` to the last full
+    /// run's figures).
+    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only"])]
+    report_only: bool,
     /// Where the results go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
@@ -85,6 +100,14 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
+    if cli.report_only {
+        let before: serde_json::Value = std::fs::read(cli.out.join("before.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        std::fs::write(cli.out.join("RESULTS.md"), report::markdown(&last, &before))?;
+        return Ok(());
+    }
     let cost_options = cost::CostOptions {
         rounds: cli.rounds,
         calls: cli.calls,
@@ -93,10 +116,23 @@ async fn main() -> anyhow::Result<()> {
         latency_calls: cli.latency_calls,
         latency_rps: cli.latency_rps,
     };
+    let health = if cli.cost_only || cli.scale_only {
+        last["health"].clone()
+    } else {
+        let health = health::run(&health::HealthOptions {
+            rounds: cli.health_rounds,
+            endpoints: cli.health_endpoints,
+            services: 100,
+            window_s: 20,
+        })
+        .await?;
+        eprintln!("health done");
+        health
+    };
     let (cost, propagation, split) = if cli.cost_only {
         let cost = cost::run(&cost_options).await?;
         (cost, last["propagation"].clone(), last["split"].clone())
-    } else if cli.scale_only {
+    } else if cli.scale_only || cli.health_only {
         (
             last["cost"].clone(),
             last["propagation"].clone(),
@@ -111,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("split done");
         (cost, propagation, split)
     };
-    let scale = if cli.cost_only {
+    let scale = if cli.cost_only || cli.health_only {
         last["scale"].clone()
     } else {
         scale::run(&scale::ScaleOptions {
@@ -127,12 +163,31 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
     };
+    // A partial run says which sections it measured and where the others
+    // come from, so the report does not pass them off as this run's.
+    let partial = cli.cost_only || cli.scale_only || cli.health_only;
+    let rerun = match (cli.cost_only, cli.scale_only, cli.health_only) {
+        (true, _, _) => "cost",
+        (_, true, _) => "scale",
+        (_, _, true) => "health",
+        _ => "all",
+    };
+    let kept_from = if partial {
+        last.get("kept_from")
+            .cloned()
+            .unwrap_or_else(|| last["environment"]["date"].clone())
+    } else {
+        serde_json::Value::Null
+    };
     let results = json!({
+        "rerun": rerun,
+        "kept_from": kept_from,
         "environment": report::environment(),
         "cost": cost,
         "propagation": propagation,
         "split": split,
         "scale": scale,
+        "health": health,
     });
     // The figures of the run before, shown beside these in RESULTS.md.
     let before: serde_json::Value = std::fs::read(cli.out.join("before.json"))

@@ -42,7 +42,7 @@ pub fn markdown(r: &Value, b: &Value) -> String {
     let mut md = format!(
         "# etcd-mesh benchmark results\n\n\
          Written by `make bench` on {} — {} cores ({}), {}, {}, {}, {}.\n\
-         Every figure below comes from this one run; compare ratios, not absolute numbers:\n\
+         Each section's figures come from one run; compare ratios, not absolute numbers:\n\
          these machines are shared and noisy.\n\n![results](results.png)\n\n",
         env["date"].as_str().unwrap_or("?"),
         env["cores"],
@@ -52,6 +52,13 @@ pub fn markdown(r: &Value, b: &Value) -> String {
         env["rustc"].as_str().unwrap_or("?"),
         env["h2load"].as_str().unwrap_or("?"),
     );
+    if let Some(kept) = r["kept_from"].as_str() {
+        md += &format!(
+            "This run measured the {} section only; the other sections are kept from the run of {kept}, \
+             and their *before* figures are that run's.\n\n",
+            r["rerun"].as_str().unwrap_or("?")
+        );
+    }
     let cost = &r["cost"];
     let o = &cost["options"];
     md += &format!(
@@ -113,6 +120,7 @@ pub fn markdown(r: &Value, b: &Value) -> String {
         num(&f["median_hosts"], 0)
     );
     md += &scale_section(&r["scale"], &b["scale"]);
+    md += &health_section(&r["health"]);
     md
 }
 
@@ -317,6 +325,61 @@ fn ladder_section(cost: &Value, before: &Value) -> String {
         num(&before["ratios"]["d_over_c"], 2),
         num(&cost["ratios"]["d_over_b"], 2),
         num(&cost["ratios"]["d_over_c"], 2),
+    );
+    md
+}
+
+/// Health checks: calls lost when a backend dies, and what checking costs.
+fn health_section(h: &Value) -> String {
+    if h.is_null() {
+        return String::new();
+    }
+    let loss = &h["loss"];
+    let mut md = format!(
+        "\n## Health checks\n\nA backend dies while still registered (its lease kept alive): \
+         one Envoy with two workers, 4 connections calling in a loop for 4 s after it stops, \
+         {} rounds, the three variants back to back in each round. Passive ejection alone is \
+         what etcd-mesh did before health checks.\n\n\
+         | variant | failed calls, median (min–max) | last failure after the kill, median (max) |\n|---|---|---|\n",
+        loss["rounds"]
+    );
+    for v in loss["variants"].as_array().into_iter().flatten() {
+        md += &format!(
+            "| {} | {} ({}–{}) | {} ms ({} ms) |\n",
+            v["name"].as_str().unwrap_or("?"),
+            num(&v["failed_calls_median"], 0),
+            num(&v["failed_calls_min"], 0),
+            num(&v["failed_calls_max"], 0),
+            num(&v["last_failure_ms_median"], 0),
+            num(&v["last_failure_ms_max"], 0),
+        );
+    }
+    md += &format!(
+        "\nFailed calls, health checks alone / passive ejection alone, paired per round: \
+         **{}** ({}–{}).\n\n",
+        num(&loss["health_over_ejection_median"], 2),
+        num(&loss["health_over_ejection_min"], 2),
+        num(&loss["health_over_ejection_max"], 2),
+    );
+    let c = &h["cost"];
+    md += &format!(
+        "Checking {} endpoints ({} gRPC health servers, {} s interval) for {} s, \
+         beside a sync-server watching the same registrations without checks, in the same seconds: \
+         {} checks/s; sync-server CPU **{}%** with checks against {}% without \
+         ({} µs of CPU per check); {} connections kept; at most {} checks in flight; \
+         peak RSS {} MiB against {} MiB.\n",
+        c["endpoints"],
+        c["backends"],
+        c["interval_s"],
+        num(&c["window_s"], 0),
+        num(&c["checks_per_second"], 0),
+        num(&c["cpu_percent_with_checks"], 1),
+        num(&c["cpu_percent_without"], 1),
+        num(&c["cpu_us_per_check"], 1),
+        c["connections"],
+        c["in_flight_peak"],
+        num(&c["peak_rss_mib_with_checks"], 0),
+        num(&c["peak_rss_mib_without"], 0),
     );
     md
 }

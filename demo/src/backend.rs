@@ -120,12 +120,37 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let (_serving, told) = tokio::sync::watch::channel(true);
+    serve_with_health(listener, shutdown, told).await
+}
+
+/// [`serve`], with `demo.Echo`'s health (`SERVING` or `NOT_SERVING`) told
+/// by `serving`: how an instance asks to be drained without leaving etcd.
+pub async fn serve_with_health(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    mut serving: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
     let served_by = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EchoServer<EchoBackend>>().await;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            if *serving.borrow_and_update() {
+                health.set_serving::<EchoServer<EchoBackend>>().await;
+            } else {
+                health.set_not_serving::<EchoServer<EchoBackend>>().await;
+            }
+            tokio::select! {
+                changed = serving.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
     let echo = EchoServer::new(EchoBackend::new(served_by))
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20);

@@ -2,6 +2,7 @@
 //! `on_configure`. A bad configuration is refused with an error that names
 //! the field, and Envoy then refuses to load the plugin.
 
+use etcd_mesh_routing::{Policy, SlowStart, ZoneRouting};
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -123,6 +124,70 @@ pub struct RouterConfig {
     /// catch-up for a notice missed (5 ms when the queue cannot be had).
     #[serde(default = "default_refresh_ms")]
     pub refresh_ms: u32,
+    /// This Envoy's zone: calls stay in it while it has capacity
+    /// ([`ZoneRoutingConfig`]). Zone-blind when unset.
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub zone_routing: ZoneRoutingConfig,
+    /// Ramps endpoints new to a service up to their weight; off when unset.
+    #[serde(default)]
+    pub slow_start: Option<SlowStartConfig>,
+}
+
+/// When the local zone keeps all calls (see `etcd_mesh_routing::balancer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZoneRoutingConfig {
+    /// Endpoints taking calls the local zone needs, at least.
+    pub min_endpoints: u32,
+    /// The percent of the local zone's registered weight that must take
+    /// calls; below it, calls spread over every zone by weight.
+    pub min_healthy_percent: u32,
+}
+
+impl Default for ZoneRoutingConfig {
+    fn default() -> Self {
+        let routing = ZoneRouting::default();
+        ZoneRoutingConfig {
+            min_endpoints: u32::try_from(routing.min_endpoints).unwrap_or(1),
+            min_healthy_percent: routing.min_healthy_percent,
+        }
+    }
+}
+
+/// Envoy's `slow_start_config`: `weight × max(min, (t / window)^(1 /
+/// aggression))` over `window_ms` from when sync-server first saw the
+/// endpoint serve (`serving_since_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowStartConfig {
+    pub window_ms: u64,
+    #[serde(default = "default_aggression")]
+    pub aggression: f64,
+    #[serde(default = "default_min_weight_percent")]
+    pub min_weight_percent: u32,
+}
+
+// `aggression` is a float; configurations compare equal field by field.
+impl Eq for SlowStartConfig {}
+
+impl RouterConfig {
+    /// What shapes the weights, for the routing core.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            local_zone: self.zone.clone(),
+            zone_routing: ZoneRouting {
+                min_endpoints: self.zone_routing.min_endpoints as usize,
+                min_healthy_percent: self.zone_routing.min_healthy_percent,
+            },
+            slow_start: self.slow_start.map(|s| SlowStart {
+                window_ms: s.window_ms,
+                aggression: s.aggression,
+                min_weight_percent: s.min_weight_percent,
+            }),
+        }
+    }
 }
 
 impl Default for RouterConfig {
@@ -134,6 +199,9 @@ impl Default for RouterConfig {
             host_override: HostOverride::default(),
             outlier_detection: default_outlier(),
             refresh_ms: default_refresh_ms(),
+            zone: None,
+            zone_routing: ZoneRoutingConfig::default(),
+            slow_start: None,
         }
     }
 }
@@ -181,6 +249,12 @@ fn default_no_endpoint_status() -> u32 {
 }
 fn default_refresh_ms() -> u32 {
     100
+}
+fn default_aggression() -> f64 {
+    1.0
+}
+fn default_min_weight_percent() -> u32 {
+    10
 }
 fn default_outlier() -> Option<OutlierConfig> {
     Some(OutlierConfig::default())
@@ -245,6 +319,35 @@ impl PluginConfig {
                         "`refresh_ms` is {}, expected 1..=1000",
                         router.refresh_ms
                     ));
+                }
+                if router.zone.as_deref().is_some_and(str::is_empty) {
+                    return Err("`zone` is empty (leave it out to route zone-blind)".into());
+                }
+                if router.zone_routing.min_healthy_percent > 100 {
+                    return Err(format!(
+                        "`zone_routing.min_healthy_percent` is {}, expected 0..=100",
+                        router.zone_routing.min_healthy_percent
+                    ));
+                }
+                if let Some(ramp) = &router.slow_start {
+                    if !(1..=3_600_000).contains(&ramp.window_ms) {
+                        return Err(format!(
+                            "`slow_start.window_ms` is {}, expected 1..=3600000",
+                            ramp.window_ms
+                        ));
+                    }
+                    if !(ramp.aggression.is_finite() && ramp.aggression > 0.0) {
+                        return Err(format!(
+                            "`slow_start.aggression` is {}, expected a number above 0",
+                            ramp.aggression
+                        ));
+                    }
+                    if ramp.min_weight_percent > 100 {
+                        return Err(format!(
+                            "`slow_start.min_weight_percent` is {}, expected 0..=100",
+                            ramp.min_weight_percent
+                        ));
+                    }
                 }
                 if !(1..=16).contains(&router.no_endpoint_status) {
                     return Err(format!(
@@ -351,6 +454,23 @@ mod tests {
             (3, 1000)
         );
         assert_eq!(outlier.max_ejection_percent, 50);
+        let shaped = PluginConfig::parse(
+            br#"{"role":"router","zone":"eu-1","zone_routing":{"min_endpoints":2},
+                 "slow_start":{"window_ms":30000,"aggression":2}}"#,
+        );
+        let Ok(PluginConfig::Router(shaped)) = shaped else {
+            panic!("{shaped:?}");
+        };
+        let policy = shaped.policy();
+        assert_eq!(policy.local_zone.as_deref(), Some("eu-1"));
+        assert_eq!(policy.zone_routing.min_endpoints, 2);
+        assert_eq!(policy.zone_routing.min_healthy_percent, 50);
+        let ramp = policy.slow_start.expect("on");
+        assert_eq!(
+            (ramp.window_ms, ramp.aggression, ramp.min_weight_percent),
+            (30_000, 2.0, 10)
+        );
+        assert_eq!(RouterConfig::default().policy(), Policy::default());
         let off = PluginConfig::parse(
             br#"{"role":"router","outlier_detection":null,"service_from":"authority"}"#,
         );
@@ -375,6 +495,13 @@ mod tests {
             (br#"{"role":"poller","cluster":"s","bearer_token":"a b"}"#, "bearer_token"),
             (br#"{"role":"poller","cluster":"s","services":[]}"#, "services"),
             (br#"{"role":"router","refresh_ms":0}"#, "refresh_ms"),
+            (br#"{"role":"router","zone":""}"#, "zone"),
+            (br#"{"role":"router","zone_routing":{"min_healthy_percent":101}}"#, "min_healthy_percent"),
+            (br#"{"role":"router","zone_routing":{"min_hosts":1}}"#, "min_hosts"),
+            (br#"{"role":"router","slow_start":{}}"#, "window_ms"),
+            (br#"{"role":"router","slow_start":{"window_ms":0}}"#, "window_ms"),
+            (br#"{"role":"router","slow_start":{"window_ms":10,"aggression":0}}"#, "aggression"),
+            (br#"{"role":"router","slow_start":{"window_ms":10,"min_weight_percent":200}}"#, "min_weight_percent"),
             (br#"{"role":"noop","call":"filter_state"}"#, "needs `addr`"),
             (br#"{"role":"noop","call":"header_override","addr":"x"}"#, "addr"),
             (br#"{"role":"noop","call":"dance"}"#, "unknown variant"),

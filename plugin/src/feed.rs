@@ -130,11 +130,28 @@ impl ChangeLog {
     }
 }
 
-/// What the poller holds: the revision and epoch it is at, and one digest
+/// Where the tables held stand in sync-server's feed: the etcd revision,
+/// then the health-check changes published at it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub revision: u64,
+    pub health_seq: u64,
+}
+
+impl Position {
+    pub fn new(revision: u64, health_seq: u64) -> Self {
+        Position {
+            revision,
+            health_seq,
+        }
+    }
+}
+
+/// What the poller holds: the position and epoch it is at, and one digest
 /// per service, so that each answer is checked before anything is written.
 #[derive(Debug, Default)]
 pub struct PollerTables {
-    cursor: Option<(u64, String)>,
+    cursor: Option<(Position, String)>,
     digests: HashMap<String, u64>,
     digest: Digest,
     seq: u64,
@@ -157,8 +174,8 @@ pub struct Update {
 }
 
 impl PollerTables {
-    /// (revision, epoch) held, for the next request.
-    pub fn cursor(&self) -> Option<(u64, &str)> {
+    /// (position, epoch) held, for the next request.
+    pub fn cursor(&self) -> Option<(Position, &str)> {
         self.cursor.as_ref().map(|(r, e)| (*r, e.as_str()))
     }
 
@@ -184,12 +201,8 @@ impl PollerTables {
             .cursor
             .as_ref()
             .is_some_and(|(_, e)| *e == changes.epoch);
-        if same_epoch
-            && self
-                .cursor
-                .as_ref()
-                .is_some_and(|(r, _)| changes.revision <= *r)
-        {
+        let answer_at = Position::new(changes.revision, changes.health_seq);
+        if same_epoch && self.cursor.as_ref().is_some_and(|(r, _)| answer_at <= *r) {
             return Ok(None);
         }
         let mut digests: HashMap<String, Option<u64>> = HashMap::new();
@@ -205,8 +218,9 @@ impl PollerTables {
             }
         } else {
             match &self.cursor {
-                Some((revision, epoch))
-                    if *revision == changes.since && *epoch == changes.epoch => {}
+                Some((held, epoch))
+                    if *held == Position::new(changes.since, changes.since_health_seq)
+                        && *epoch == changes.epoch => {}
                 held => {
                     let message = format!(
                         "a delta since revision {} of epoch {:?} does not fit the tables held ({held:?})",
@@ -273,7 +287,7 @@ impl PollerTables {
             update.index = Some(names.join("\n").into_bytes());
         }
         update.log = self.log.encode();
-        self.cursor = Some((changes.revision, changes.epoch));
+        self.cursor = Some((answer_at, changes.epoch));
         Ok(Some(update))
     }
 }
@@ -354,17 +368,25 @@ mod tests {
         assert_eq!(written.len(), 2);
         assert!(written.contains(&("b", true)) && written.contains(&("a", false)));
         assert_eq!(delta.index, Some(b"a".to_vec()));
-        assert_eq!(held.cursor(), Some((12, "e")));
+        assert_eq!(held.cursor(), Some((Position::new(12, 0), "e")));
+        // A health change at the same revision moves the position on.
+        let mut health = changes(12, 12, &[("a", 5)], &[], &[("a", 5)]);
+        health.health_seq = 1;
+        assert!(held.apply(health.clone()).expect("fits").is_some());
+        assert_eq!(held.cursor(), Some((Position::new(12, 1), "e")));
+        assert_eq!(held.apply(health), Ok(None), "held already");
+        let mut back = changes(12, 12, &[("a", 3)], &[], &[("a", 3)]);
+        (back.since_health_seq, back.health_seq) = (1, 2);
+        assert!(held.apply(back).expect("fits").is_some());
         let log = ChangeLog::decode(&delta.log).expect("decodes");
         assert_eq!(log.since(Some(1)), Some(BTreeSet::from(["a", "b"])));
         assert_eq!(log.since(Some(0)), None, "before the full load");
         assert_eq!(log.revision(), 12);
         // Nothing newer, then a weight change that keeps the names.
         assert_eq!(held.apply(changes(12, 10, &[], &[], &[("a", 3)])), Ok(None));
-        let same_names = held
-            .apply(changes(13, 12, &[("a", 4)], &[], &[("a", 4)]))
-            .expect("fits")
-            .expect("newer");
+        let mut next = changes(13, 12, &[("a", 4)], &[], &[("a", 4)]);
+        (next.since_health_seq, next.health_seq) = (2, 2);
+        let same_names = held.apply(next).expect("fits").expect("newer");
         assert_eq!(same_names.index, None);
     }
 

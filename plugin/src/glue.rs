@@ -511,10 +511,11 @@ struct WorkerState {
 
 impl Router {
     fn new(config: RouterConfig) -> Router {
+        let policy = config.policy();
         Router {
             shared: Rc::new(WorkerState {
                 config,
-                tables: RefCell::new(WorkerTables::new(clock_seed())),
+                tables: RefCell::new(WorkerTables::new(clock_seed(), policy)),
                 seen: Cell::new(Version::default()),
                 failures: RefCell::default(),
                 routed: Cell::new(0),
@@ -559,6 +560,8 @@ impl Router {
     fn on_tick(&mut self) {
         let shared = &self.shared;
         shared.refresh();
+        // Slow start moves in steps of one tick (`refresh_ms`).
+        shared.tables.borrow_mut().step_slow_start(now_ms());
         let now = now();
         if now.duration_since(self.flushed).unwrap_or_default() < ROUTER_FLUSH {
             return;
@@ -608,7 +611,7 @@ impl WorkerState {
             let active = list
                 .active(now)
                 .map(|e| (e.service.clone(), e.addr.clone(), e.until_ms));
-            self.tables.borrow_mut().set_ejections(active);
+            self.tables.borrow_mut().set_ejections(active, now);
             seen.ejections = version.ejections;
         }
         self.seen.set(seen);
@@ -623,12 +626,13 @@ impl WorkerState {
             None => return Err("no change log in shared data yet".into()),
         };
         let mut tables = self.tables.borrow_mut();
+        let now = now_ms();
         let mut bad = Vec::new();
         match changes.since(tables.seq()) {
             Some(names) => {
                 for name in names {
                     let value = shared(&service_key(name))?.unwrap_or_default();
-                    if let Err(e) = tables.apply_service(name, &value) {
+                    if let Err(e) = tables.apply_service(name, &value, now) {
                         bad.push(e);
                     }
                 }
@@ -639,7 +643,7 @@ impl WorkerState {
                 for name in index_names(&index) {
                     values.push((name, shared(&service_key(name))?.unwrap_or_default()));
                 }
-                bad = tables.reload(values);
+                bad = tables.reload(values, now);
             }
         }
         tables.set_seq(changes.latest());

@@ -2,6 +2,7 @@
 //! with what.
 
 use crate::config::PollerConfig;
+use crate::feed::Position;
 use etcd_mesh_routing::rng::SplitMix64;
 use std::time::Duration;
 
@@ -35,9 +36,9 @@ impl PollSchedule {
     }
 
     /// The path of the next poll: everything until tables are held
-    /// (`held` is the revision and epoch held), then a long-poll for the
+    /// (`held` is the position and epoch held), then a long-poll for the
     /// changes after them.
-    pub fn path(&self, held: Option<(u64, &str)>) -> String {
+    pub fn path(&self, held: Option<(Position, &str)>) -> String {
         let mut path = String::from("/v1/changes");
         let mut separator = '?';
         let mut add = |part: &str| {
@@ -47,9 +48,11 @@ impl PollSchedule {
                 separator = '&';
             }
         };
-        if let Some((revision, epoch)) = held {
+        if let Some((position, epoch)) = held {
             add(&format!(
-                "since={revision}&epoch={}&wait={}",
+                "since={}&health_seq={}&epoch={}&wait={}",
+                position.revision,
+                position.health_seq,
                 percent_encode(epoch),
                 self.config.wait_seconds
             ));
@@ -118,8 +121,8 @@ mod tests {
         let s = schedule();
         assert_eq!(s.path(None), "/v1/changes");
         assert_eq!(
-            s.path(Some((12, "ab-1"))),
-            "/v1/changes?since=12&epoch=ab-1&wait=30"
+            s.path(Some((Position::new(12, 4), "ab-1"))),
+            "/v1/changes?since=12&health_seq=4&epoch=ab-1&wait=30"
         );
         assert_eq!(s.timeout(), Duration::from_secs(35));
         let mut config = s.config().clone();
@@ -130,8 +133,8 @@ mod tests {
             "/v1/changes?services=demo.Echo%2Ca%20b%26c"
         );
         assert_eq!(
-            scoped.path(Some((3, "e"))),
-            "/v1/changes?since=3&epoch=e&wait=30&services=demo.Echo%2Ca%20b%26c"
+            scoped.path(Some((Position::new(3, 0), "e"))),
+            "/v1/changes?since=3&health_seq=0&epoch=e&wait=30&services=demo.Echo%2Ca%20b%26c"
         );
     }
 

@@ -7,7 +7,7 @@
 
 use crate::filter_state::original_dst_arguments;
 use etcd_mesh_routing::rng::SplitMix64;
-use etcd_mesh_routing::wrr::SmoothPicker;
+use etcd_mesh_routing::{Balancer, Policy};
 use etcd_mesh_wire::{Digest, Service};
 use std::collections::HashMap;
 
@@ -15,7 +15,9 @@ use std::collections::HashMap;
 pub struct WorkerTables {
     /// The poller's update sequence these tables hold.
     seq: Option<u64>,
-    services: HashMap<String, (SmoothPicker, u64)>,
+    services: HashMap<String, (Balancer, u64)>,
+    /// Zone and slow start, from the router's configuration.
+    policy: Policy,
     digest: Digest,
     rng: SplitMix64,
     /// Ejected endpoints by service and address, and when (host clock,
@@ -35,10 +37,11 @@ pub enum Pick<'a> {
 }
 
 impl WorkerTables {
-    pub fn new(seed: u64) -> Self {
+    pub fn new(seed: u64, policy: Policy) -> Self {
         WorkerTables {
             seq: None,
             services: HashMap::new(),
+            policy,
             digest: Digest::default(),
             rng: SplitMix64::new(seed),
             ejected: HashMap::new(),
@@ -72,7 +75,7 @@ impl WorkerTables {
     /// Applies one service's shared-data value: its canonical JSON, or
     /// empty when it is gone. A value that does not decode or validate
     /// leaves the service as it was.
-    pub fn apply_service(&mut self, name: &str, value: &[u8]) -> Result<(), String> {
+    pub fn apply_service(&mut self, name: &str, value: &[u8], now_ms: u64) -> Result<(), String> {
         if value.is_empty() {
             if let Some((_, hash)) = self.services.remove(name) {
                 self.digest.remove(hash);
@@ -89,20 +92,21 @@ impl WorkerTables {
             }
         }
         let hash = Digest::of_encoded(name, value);
-        let endpoints = service
-            .endpoints
-            .iter()
-            .map(|e| (e.addr.as_str(), e.weight));
+        let policy = &self.policy;
         let mut picker = match self.services.remove(name) {
             Some((mut picker, old)) => {
                 self.digest.remove(old);
-                picker.update(endpoints);
+                picker.update(&service, policy, now_ms);
                 picker
             }
-            None => SmoothPicker::randomised(endpoints, &mut self.rng),
+            None => Balancer::randomised(&service, policy, now_ms, &mut self.rng),
         };
         let out = self.ejected.get(name);
-        picker.set_ejected(|addr| out.is_some_and(|out| out.contains_key(addr)));
+        picker.set_ejected(
+            |addr| out.is_some_and(|out| out.contains_key(addr)),
+            policy,
+            now_ms,
+        );
         self.digest.add(hash);
         self.services.insert(name.to_owned(), (picker, hash));
         Ok(())
@@ -114,6 +118,7 @@ impl WorkerTables {
     pub fn reload<'a>(
         &mut self,
         values: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+        now_ms: u64,
     ) -> Vec<String> {
         let mut old = std::mem::take(&mut self.services);
         self.digest = Digest::default();
@@ -126,7 +131,7 @@ impl WorkerTables {
                 self.digest.add(kept.1);
                 self.services.insert(name.to_owned(), kept);
             }
-            if let Err(e) = self.apply_service(name, &value) {
+            if let Err(e) = self.apply_service(name, &value, now_ms) {
                 errors.push(e);
             }
         }
@@ -134,12 +139,16 @@ impl WorkerTables {
     }
 
     /// Replaces the set of ejected endpoints (service, addr, until).
-    pub fn set_ejections(&mut self, ejected: impl IntoIterator<Item = (String, String, u64)>) {
+    pub fn set_ejections(
+        &mut self,
+        ejected: impl IntoIterator<Item = (String, String, u64)>,
+        now_ms: u64,
+    ) {
         self.ejected.clear();
         for (service, addr, until) in ejected {
             self.ejected.entry(service).or_default().insert(addr, until);
         }
-        self.mark_ejected();
+        self.mark_ejected(now_ms);
     }
 
     /// Lets back the endpoints whose ejection is over at `now_ms`; true if
@@ -154,23 +163,39 @@ impl WorkerTables {
         self.ejected.retain(|_, out| !out.is_empty());
         let changed = count(&self.ejected) != before;
         if changed {
-            self.mark_ejected();
+            self.mark_ejected(now_ms);
         }
         changed
     }
 
-    fn mark_ejected(&mut self) {
+    fn mark_ejected(&mut self, now_ms: u64) {
         for (name, (picker, _)) in &mut self.services {
             let out = self.ejected.get(name);
-            picker.set_ejected(|addr| out.is_some_and(|out| out.contains_key(addr)));
+            picker.set_ejected(
+                |addr| out.is_some_and(|out| out.contains_key(addr)),
+                &self.policy,
+                now_ms,
+            );
         }
+    }
+
+    /// Steps every slow-start ramp to `now_ms`; how many services moved.
+    pub fn step_slow_start(&mut self, now_ms: u64) -> usize {
+        if self.policy.slow_start.is_none() {
+            return 0;
+        }
+        let policy = &self.policy;
+        self.services
+            .values_mut()
+            .filter_map(|(picker, _)| picker.step(policy, now_ms).then_some(()))
+            .count()
     }
 
     /// (endpoints taking calls, of which ejected) for `service`.
     pub fn ejection_room(&self, service: &str) -> (usize, usize) {
         self.services
             .get(service)
-            .map_or((0, 0), |(p, _)| (p.len(), p.ejected()))
+            .map_or((0, 0), |(p, _)| p.ejection_room())
     }
 
     /// The encoded filter-state override for `addr`, made when its
@@ -201,14 +226,14 @@ mod tests {
 
     #[test]
     fn applies_services_one_by_one_and_keeps_them_on_garbage() {
-        let mut tables = WorkerTables::new(1);
+        let mut tables = WorkerTables::new(1, Policy::default());
         assert_eq!(tables.pick("demo.Echo"), Pick::NoEndpoint);
         tables
-            .apply_service("demo.Echo", &value(&[("127.0.0.1:1", 1)]))
+            .apply_service("demo.Echo", &value(&[("127.0.0.1:1", 1)]), 0)
             .expect("valid");
-        assert!(tables.apply_service("demo.Echo", b"{garbage").is_err());
+        assert!(tables.apply_service("demo.Echo", b"{garbage", 0).is_err());
         assert!(tables
-            .apply_service("demo.Echo", &value(&[("nohost", 1)]))
+            .apply_service("demo.Echo", &value(&[("nohost", 1)]), 0)
             .is_err());
         assert_eq!(tables.pick("demo.Echo"), Pick::Endpoint("127.0.0.1:1"));
         assert_eq!(
@@ -217,10 +242,10 @@ mod tests {
         );
         assert_eq!(tables.pick("other"), Pick::NoEndpoint);
         tables
-            .apply_service("demo.Echo", &value(&[("127.0.0.1:1", 0)]))
+            .apply_service("demo.Echo", &value(&[("127.0.0.1:1", 0)]), 0)
             .expect("valid");
         assert_eq!(tables.pick("demo.Echo"), Pick::NoEndpoint);
-        tables.apply_service("demo.Echo", b"").expect("removal");
+        tables.apply_service("demo.Echo", b"", 0).expect("removal");
         assert!(tables.is_empty());
         assert_eq!(tables.digest(), Digest::default());
     }
@@ -229,16 +254,16 @@ mod tests {
     fn digests_match_however_the_tables_were_reached() {
         let a = value(&[("127.0.0.1:1", 1)]);
         let b = value(&[("127.0.0.1:2", 3)]);
-        let mut stepwise = WorkerTables::new(1);
-        stepwise.apply_service("a", &b).expect("valid");
-        stepwise.apply_service("b", &b).expect("valid");
-        stepwise.apply_service("a", &a).expect("valid");
-        stepwise.apply_service("c", &a).expect("valid");
-        stepwise.apply_service("c", b"").expect("removal");
-        let mut reloaded = WorkerTables::new(2);
-        reloaded.apply_service("z", &a).expect("valid");
+        let mut stepwise = WorkerTables::new(1, Policy::default());
+        stepwise.apply_service("a", &b, 0).expect("valid");
+        stepwise.apply_service("b", &b, 0).expect("valid");
+        stepwise.apply_service("a", &a, 0).expect("valid");
+        stepwise.apply_service("c", &a, 0).expect("valid");
+        stepwise.apply_service("c", b"", 0).expect("removal");
+        let mut reloaded = WorkerTables::new(2, Policy::default());
+        reloaded.apply_service("z", &a, 0).expect("valid");
         assert!(reloaded
-            .reload([("a", a.clone()), ("b", b.clone())])
+            .reload([("a", a.clone()), ("b", b.clone())], 0)
             .is_empty());
         assert_eq!(stepwise.digest(), reloaded.digest());
         assert_eq!(reloaded.pick("z"), Pick::NoEndpoint);
@@ -250,17 +275,21 @@ mod tests {
 
     #[test]
     fn ejections_apply_across_updates_and_expire() {
-        let mut tables = WorkerTables::new(3);
+        let mut tables = WorkerTables::new(3, Policy::default());
         tables
             .apply_service(
                 "demo.Echo",
                 &value(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)]),
+                0,
             )
             .expect("valid");
         tables
-            .apply_service("other", &value(&[("127.0.0.1:1", 1)]))
+            .apply_service("other", &value(&[("127.0.0.1:1", 1)]), 0)
             .expect("valid");
-        tables.set_ejections([("demo.Echo".to_owned(), "127.0.0.1:1".to_owned(), 1000)]);
+        tables.set_ejections(
+            [("demo.Echo".to_owned(), "127.0.0.1:1".to_owned(), 1000)],
+            0,
+        );
         assert_eq!(tables.ejection_room("demo.Echo"), (2, 1));
         assert_eq!(
             tables.ejection_room("other"),
@@ -272,6 +301,7 @@ mod tests {
             .apply_service(
                 "demo.Echo",
                 &value(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 3)]),
+                0,
             )
             .expect("valid");
         for _ in 0..8 {
@@ -310,12 +340,12 @@ mod tests {
             if mutated.is_empty() {
                 continue;
             }
-            let mut tables = WorkerTables::new(1);
+            let mut tables = WorkerTables::new(1, Policy::default());
             tables
-                .apply_service("demo.Echo", &value(&[("127.0.0.1:9", 1)]))
+                .apply_service("demo.Echo", &value(&[("127.0.0.1:9", 1)]), 0)
                 .expect("valid");
             let before = tables.digest();
-            match tables.apply_service("demo.Echo", &mutated) {
+            match tables.apply_service("demo.Echo", &mutated, 0) {
                 Ok(()) => assert_ne!(tables.digest(), before),
                 Err(_) => {
                     refused += 1;
@@ -325,5 +355,44 @@ mod tests {
             }
         }
         assert!(refused > 1_000, "the mutations were too mild: {refused}");
+    }
+}
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::*;
+    use etcd_mesh_routing::SlowStart;
+
+    #[test]
+    fn a_stamped_newcomer_ramps() {
+        let policy = Policy {
+            slow_start: Some(SlowStart {
+                window_ms: 4_000,
+                aggression: 1.0,
+                min_weight_percent: 10,
+            }),
+            ..Policy::default()
+        };
+        let mut tables = WorkerTables::new(1, policy);
+        let two = br#"{"endpoints":[{"addr":"127.0.0.1:1","weight":1},{"addr":"127.0.0.1:2","weight":1}]}"#;
+        tables.apply_service("s", two, 1_000).expect("valid");
+        let three = br#"{"endpoints":[{"addr":"127.0.0.1:1","weight":1},{"addr":"127.0.0.1:2","weight":1},{"addr":"127.0.0.1:3","weight":1,"serving_since_ms":1000}]}"#;
+        tables.apply_service("s", three, 1_000).expect("valid");
+        let new = (0..210)
+            .filter(|_| tables.pick("s") == Pick::Endpoint("127.0.0.1:3"))
+            .count();
+        assert_eq!(new, 10, "10% of weight 1 against 2 × 1");
+        // Stepped between calls, as the router's tick does.
+        let mut new = 0;
+        for i in 0..2_000u64 {
+            if i % 20 == 0 {
+                tables.step_slow_start(1_000 + i / 10);
+            }
+            new += usize::from(tables.pick("s") == Pick::Endpoint("127.0.0.1:3"));
+        }
+        assert!(
+            (80..160).contains(&new),
+            "{new} of 2000 in the ramp's first 200 ms"
+        );
     }
 }

@@ -122,6 +122,14 @@ impl Instance {
         self
     }
 
+    /// The zone the instance runs in (`Metadata.zone`): an Envoy in the
+    /// same zone keeps its calls there while the zone has capacity.
+    pub fn with_zone(mut self, zone: impl Into<String>) -> Self {
+        self.metadata
+            .insert("zone".into(), serde_json::Value::String(zone.into()));
+        self
+    }
+
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self

@@ -7,27 +7,22 @@
 
 #![forbid(unsafe_code)]
 
+pub mod balancer;
 pub mod policy;
 pub mod rng;
 pub mod wrr;
 
+pub use balancer::{Balancer, Standing};
 pub use policy::{Policy, SlowStart, ZoneRouting};
 
 use etcd_mesh_wire::Service;
-use wrr::SmoothPicker;
 
 /// The next `count` picks the plugin's picker makes for `service` at
-/// `now_ms` (Unix ms), starting where an unshuffled picker starts. Each
-/// Envoy worker starts at its own random point of this same sequence.
+/// `now_ms` (Unix ms), from where an unshuffled picker starts. Each Envoy
+/// worker starts at its own random point of this same sequence.
 pub fn preview_picks(service: &Service, policy: &Policy, now_ms: u64, count: usize) -> Vec<String> {
-    let _ = (policy, now_ms);
-    let mut picker = SmoothPicker::new(
-        service
-            .endpoints
-            .iter()
-            .map(|e| (e.addr.as_str(), e.weight)),
-    );
+    let mut balancer = Balancer::new(service, policy, now_ms);
     (0..count)
-        .map_while(|_| picker.pick().map(str::to_owned))
+        .map_while(|_| balancer.pick().map(str::to_owned))
         .collect()
 }

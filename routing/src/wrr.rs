@@ -4,18 +4,16 @@
 //! highest score, and lowers it by the total weight. Over any `total`
 //! consecutive picks every endpoint is chosen exactly `weight` times, and the
 //! heavy ones are interleaved with the light ones instead of bunched.
-//! Weight 0 (draining) endpoints are never picked. Ejected endpoints sit
-//! out; if every endpoint is ejected the picker ignores ejections (panic
-//! mode, as Envoy does) rather than fail every call.
+//! Weight 0 endpoints are never picked. Which endpoints take calls, and
+//! with what weight, is decided above it ([`crate::balancer`]).
 
 use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone)]
 struct Slot {
     addr: String,
-    weight: i64,
+    weight: u64,
     score: i64,
-    ejected: bool,
 }
 
 /// The picker of one service on one worker.
@@ -23,8 +21,6 @@ struct Slot {
 pub struct SmoothPicker {
     slots: Vec<Slot>,
     total: i64,
-    /// The total weight of the endpoints not ejected.
-    in_total: i64,
 }
 
 /// How many picks a randomised start may skip ahead: enough to spread the
@@ -33,47 +29,51 @@ const MAX_START_SKIP: u64 = 64;
 
 impl SmoothPicker {
     /// A picker that starts where nginx's does.
-    pub fn new<'a>(endpoints: impl IntoIterator<Item = (&'a str, u32)>) -> Self {
+    pub fn new<'a>(endpoints: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
         let slots: Vec<Slot> = endpoints
             .into_iter()
             .filter(|(_, weight)| *weight > 0)
             .map(|(addr, weight)| Slot {
                 addr: addr.to_owned(),
-                weight: i64::from(weight),
+                weight,
                 score: 0,
-                ejected: false,
             })
             .collect();
-        let total = slots.iter().map(|s| s.weight).sum();
-        SmoothPicker {
-            slots,
-            total,
-            in_total: total,
-        }
+        let total = slots.iter().map(|s| weight_of(s.weight)).sum();
+        SmoothPicker { slots, total }
     }
 
     /// A picker whose sequence starts at a random point, so that the workers
     /// of one Envoy do not all send their first calls to the same host.
     pub fn randomised<'a>(
-        endpoints: impl IntoIterator<Item = (&'a str, u32)>,
+        endpoints: impl IntoIterator<Item = (&'a str, u64)>,
         rng: &mut SplitMix64,
     ) -> Self {
         let mut picker = Self::new(endpoints);
-        if !picker.slots.is_empty() {
-            // Rotating breaks ties differently; skipping moves along the cycle.
-            let rotate = (rng.next_u64() % picker.slots.len() as u64) as usize;
-            picker.slots.rotate_left(rotate);
-            let cycle = u64::try_from(picker.total).unwrap_or(1).min(MAX_START_SKIP);
-            for _ in 0..rng.next_u64() % cycle {
-                picker.pick();
-            }
-        }
+        picker.shuffle_start(rng);
         picker
     }
 
-    /// Replaces the endpoints, keeping the running scores of those that stay
-    /// so that a table update does not restart (and re-bunch) the sequence.
-    pub fn update<'a>(&mut self, endpoints: impl IntoIterator<Item = (&'a str, u32)>) {
+    /// Moves the start to a random point of the sequence.
+    pub fn shuffle_start(&mut self, rng: &mut SplitMix64) {
+        if self.slots.is_empty() {
+            return;
+        }
+        // Rotating breaks ties differently; skipping moves along the cycle.
+        let rotate = (rng.next_u64() % self.slots.len() as u64) as usize;
+        self.slots.rotate_left(rotate);
+        let cycle = u64::try_from(self.total)
+            .unwrap_or(1)
+            .clamp(1, MAX_START_SKIP);
+        for _ in 0..rng.next_u64() % cycle {
+            self.pick();
+        }
+    }
+
+    /// Replaces the endpoints or their weights, keeping the running scores
+    /// of those that stay so that an update does not restart (and re-bunch)
+    /// the sequence.
+    pub fn update<'a>(&mut self, endpoints: impl IntoIterator<Item = (&'a str, u64)>) {
         let mut next = Self::new(endpoints);
         for slot in &mut next.slots {
             if let Some(old) = self.slots.iter().find(|old| old.addr == slot.addr) {
@@ -91,42 +91,18 @@ impl SmoothPicker {
 
     /// The next endpoint, or `None` when no endpoint takes calls.
     pub fn pick(&mut self) -> Option<&str> {
-        let panic = self.in_total == 0;
-        let total = if panic { self.total } else { self.in_total };
         let mut best: Option<usize> = None;
         let mut best_score = i64::MIN;
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            if slot.ejected && !panic {
-                continue;
-            }
-            slot.score += slot.weight;
+            slot.score += weight_of(slot.weight);
             if slot.score > best_score {
                 best_score = slot.score;
                 best = Some(i);
             }
         }
         let slot = &mut self.slots[best?];
-        slot.score -= total;
+        slot.score -= self.total;
         Some(&slot.addr)
-    }
-
-    /// Marks which endpoints sit out; the others keep their place in the
-    /// sequence.
-    pub fn set_ejected(&mut self, is_ejected: impl Fn(&str) -> bool) {
-        for slot in &mut self.slots {
-            slot.ejected = is_ejected(&slot.addr);
-        }
-        self.in_total = self
-            .slots
-            .iter()
-            .filter(|s| !s.ejected)
-            .map(|s| s.weight)
-            .sum();
-    }
-
-    /// How many endpoints are ejected now.
-    pub fn ejected(&self) -> usize {
-        self.slots.iter().filter(|s| s.ejected).count()
     }
 
     /// Endpoints that take calls.
@@ -137,6 +113,11 @@ impl SmoothPicker {
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
+}
+
+/// Weights are at most 10,000 × the balancer's scale: far inside i64.
+fn weight_of(weight: u64) -> i64 {
+    i64::try_from(weight).unwrap_or(i64::MAX >> 32)
 }
 
 #[cfg(test)]
@@ -164,7 +145,7 @@ mod tests {
             let mut picker = SmoothPicker::randomised(weights, &mut SplitMix64::new(seed));
             let sequence = picks(&mut picker, total * 5);
             for window in sequence.windows(total) {
-                let mut counts: HashMap<&str, u32> = HashMap::new();
+                let mut counts: HashMap<&str, u64> = HashMap::new();
                 for addr in window {
                     *counts.entry(addr.as_str()).or_default() += 1;
                 }
@@ -201,33 +182,14 @@ mod tests {
     }
 
     #[test]
-    fn ejected_endpoints_sit_out_until_all_are() {
-        let mut picker = SmoothPicker::new([("a", 1), ("b", 2), ("c", 3)]);
-        picker.set_ejected(|addr| addr == "c");
-        assert_eq!(picker.ejected(), 1);
-        let out = picks(&mut picker, 30);
-        assert!(!out.contains(&"c".to_owned()));
-        assert_eq!(out.iter().filter(|a| *a == "b").count(), 20);
-        picker.set_ejected(|_| true);
-        let panic = picks(&mut picker, 60);
-        assert_eq!(
-            panic.iter().filter(|a| *a == "c").count(),
-            30,
-            "panic mode uses all"
-        );
-        picker.set_ejected(|_| false);
-        assert_eq!(picker.ejected(), 0);
-    }
-
-    #[test]
     fn property_any_weights_any_seed_exact_windows() {
         // A property test over random tables: the split is exact over every
         // window of `total` picks, whatever the weights and start.
         let mut rng = SplitMix64::new(42);
         for _ in 0..200 {
             let n = 1 + (rng.next_u64() % 8) as usize;
-            let weights: Vec<(String, u32)> = (0..n)
-                .map(|i| (format!("e{i}"), (rng.next_u64() % 6) as u32))
+            let weights: Vec<(String, u64)> = (0..n)
+                .map(|i| (format!("e{i}"), rng.next_u64() % 6))
                 .collect();
             let total: usize = weights.iter().map(|(_, w)| *w as usize).sum();
             let mut picker =

@@ -11,7 +11,7 @@ use crate::publish::Publisher;
 use crate::registry::{Change, Registry};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -43,14 +43,17 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 pub async fn sync(
     options: EtcdOptions,
     page_size: i64,
-    mut registry: Registry,
+    registry: Arc<Mutex<Registry>>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut retry = Backoff::new(FIRST_RETRY, MAX_RETRY);
+    let specs = lock(&registry).specs().to_vec();
     let mut sync = SyncRound {
-        registry: &mut registry,
+        registry: &registry,
+        specs: &specs,
+        process: process_tag(),
         publisher: &publisher,
         metrics: &metrics,
         listed: false,
@@ -92,7 +95,12 @@ enum RoundError {
 
 /// The state one sync round works on.
 struct SyncRound<'a> {
-    registry: &'a mut Registry,
+    /// Shared with the health checks, which change what is served
+    /// between revisions; held only between awaits.
+    registry: &'a Mutex<Registry>,
+    specs: &'a [WatchSpec],
+    /// Names this process in the epoch (see [`process_tag`]).
+    process: String,
     publisher: &'a Publisher,
     metrics: &'a Metrics,
     /// Whether this process has listed etcd before: its first listing
@@ -115,8 +123,7 @@ impl SyncRound<'_> {
     /// from a member that lags behind what was already served is not
     /// published; its changes wait, pending in the registry, until the
     /// watch passes the served revision.
-    fn publish(&mut self, epoch: &str) {
-        let registry = &mut *self.registry;
+    fn publish(&mut self, registry: &mut Registry, epoch: &str) {
         let revision = registry.revision();
         match self.publisher.current() {
             Some(current) if self.listed && *current.epoch == *epoch => {
@@ -156,7 +163,7 @@ impl SyncRound<'_> {
         let mut revision = 0i64;
         let mut cluster = 0u64;
         let mut listed = Vec::new();
-        for (spec, watch) in self.registry.specs().iter().enumerate() {
+        for (spec, watch) in self.specs.iter().enumerate() {
             let end = prefix_end(watch.prefix.as_bytes());
             let mut from = watch.prefix.as_bytes().to_vec();
             loop {
@@ -186,17 +193,19 @@ impl SyncRound<'_> {
                 }
             }
         }
-        let epoch = epoch(cluster, self.registry.specs());
-        let registry = &mut *self.registry;
-        registry.reset(u64::try_from(revision).unwrap_or(0));
-        for (spec, response) in &listed {
-            for kv in response.kvs() {
-                let change = registry.put(*spec, kv.key(), kv.value(), kv.mod_revision());
-                Self::report_with(self.metrics, kv.key(), change);
+        let epoch = format!("{}-{}", epoch(cluster, self.specs), self.process);
+        {
+            let mut registry = lock(self.registry);
+            registry.reset(u64::try_from(revision).unwrap_or(0));
+            for (spec, response) in &listed {
+                for kv in response.kvs() {
+                    let change = registry.put(*spec, kv.key(), kv.value(), kv.mod_revision());
+                    Self::report_with(self.metrics, kv.key(), change);
+                }
             }
+            drop(listed);
+            self.publish(&mut registry, &epoch);
         }
-        drop(listed);
-        self.publish(&epoch);
         self.publisher.mark_synced();
         info!(revision, %epoch, "listed registrations from etcd");
         retry.reset();
@@ -206,7 +215,7 @@ impl SyncRound<'_> {
         // watcher per prefix a catching-up watcher could deliver revision 9
         // after another delivered 10, and 9's change would be published
         // under 10. Keys in the range but under no prefix are skipped.
-        let (start, end) = covering_range(self.registry.specs());
+        let (start, end) = covering_range(self.specs);
         let watch = WatchOptions::new()
             .with_range(end)
             .with_start_revision(revision + 1);
@@ -220,7 +229,7 @@ impl SyncRound<'_> {
                 };
                 return Err(RoundError::Cancelled(reason));
             }
-            let registry = &mut *self.registry;
+            let mut registry = lock(self.registry);
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
                 let specs: Vec<usize> = registry.specs_for(kv.key()).collect();
@@ -239,7 +248,7 @@ impl SyncRound<'_> {
                 registry.advance(u64::try_from(kv.mod_revision()).unwrap_or(0));
             }
             // One watch response, one published revision.
-            self.publish(&epoch);
+            self.publish(&mut registry, &epoch);
         }
         Err(RoundError::Closed)
     }
@@ -258,6 +267,25 @@ pub fn epoch(cluster_id: u64, specs: &[WatchSpec]) -> String {
             (h ^ u64::from(b)).wrapping_mul(PRIME)
         });
     format!("{cluster_id:016x}-{:08x}", hash as u32)
+}
+
+/// Names this process: what it serves carries its own observations
+/// (arrival times, health), so a client that moves to another replica, or
+/// to this one restarted, must take everything afresh rather than a delta.
+pub fn process_tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed =
+        etcd_mesh_routing::rng::SplitMix64::new(nanos ^ u64::from(std::process::id()) << 32)
+            .next_u64();
+    format!("{:08x}", mixed as u32)
+}
+
+/// The registry, even if a panic poisoned its lock (its state is
+/// consistent between calls: nothing panics half-way through one).
+pub fn lock(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    registry.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The smallest key range holding every spec's prefix.

@@ -54,22 +54,46 @@ impl FromStr for Format {
 pub struct WatchSpec {
     pub format: Format,
     pub prefix: String,
+    /// The zone of registrations that name none (openim-v2 values cannot).
+    pub zone: Option<String>,
+    /// Whether sync-server's health checks (when on) check what is read
+    /// here; `health=off` leaves these endpoints unchecked.
+    pub health_checks: bool,
 }
 
 impl FromStr for WatchSpec {
     type Err = String;
-    /// `<format>=<prefix>`, as given to `--watch`.
+    /// `<format>=<prefix>[,zone=<zone>][,health=on|off]`, as given to
+    /// `--watch` (so a prefix cannot hold a comma).
     fn from_str(s: &str) -> Result<Self, String> {
-        let (format, prefix) = s
+        let (format, rest) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?} is not <format>=<prefix>"))?;
+        let mut parts = rest.split(',');
+        let prefix = parts.next().unwrap_or_default();
         if prefix.is_empty() {
             return Err(format!("{s:?} has an empty prefix"));
         }
-        Ok(WatchSpec {
+        let mut spec = WatchSpec {
             format: format.parse()?,
             prefix: prefix.to_owned(),
-        })
+            zone: None,
+            health_checks: true,
+        };
+        for option in parts {
+            match option.split_once('=') {
+                Some(("zone", "")) => return Err(format!("{s:?} has an empty zone")),
+                Some(("zone", zone)) => spec.zone = Some(zone.to_owned()),
+                Some(("health", "on")) => spec.health_checks = true,
+                Some(("health", "off")) => spec.health_checks = false,
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown option {option:?} (zone=<zone> or health=on|off)"
+                    ))
+                }
+            }
+        }
+        Ok(spec)
     }
 }
 
@@ -92,7 +116,7 @@ pub fn parse(spec: &WatchSpec, key: &[u8], value: &[u8]) -> Result<Registration,
     if service.is_empty() {
         return Err("key has an empty service name".into());
     }
-    let endpoint = match spec.format {
+    let mut endpoint = match spec.format {
         Format::EtcdNaming => parse_naming_value(value)?,
         Format::OpenimV2 => {
             let addr = std::str::from_utf8(value).map_err(|_| "value is not UTF-8".to_owned())?;
@@ -100,6 +124,12 @@ pub fn parse(spec: &WatchSpec, key: &[u8], value: &[u8]) -> Result<Registration,
             Endpoint::new(addr, DEFAULT_WEIGHT)
         }
     };
+    if let Some(zone) = &spec.zone {
+        endpoint
+            .metadata
+            .entry(etcd_mesh_wire::ZONE_KEY.to_owned())
+            .or_insert_with(|| zone.as_str().into());
+    }
     Ok(Registration {
         service: service.to_owned(),
         endpoint,
@@ -168,6 +198,30 @@ mod tests {
 
     fn openim() -> WatchSpec {
         "openim-v2=openim:///".parse().expect("valid spec")
+    }
+
+    #[test]
+    fn a_watch_may_name_the_zone_of_what_it_reads() {
+        let spec: WatchSpec = "openim-v2=openim:///,zone=eu-1".parse().expect("spec");
+        assert_eq!(
+            (spec.prefix.as_str(), spec.zone.as_deref()),
+            ("openim:///", Some("eu-1"))
+        );
+        let r = parse(&spec, b"openim:///user/127.0.0.1:5", b"127.0.0.1:5").expect("valid");
+        assert_eq!(r.endpoint.zone(), Some("eu-1"));
+        let naming: WatchSpec = "etcd-naming=svc/,zone=eu-1".parse().expect("spec");
+        let own = br#"{"Op":0,"Addr":"127.0.0.1:5","Metadata":{"zone":"eu-2"}}"#;
+        let r = parse(&naming, b"svc/user/a", own).expect("valid");
+        assert_eq!(
+            r.endpoint.zone(),
+            Some("eu-2"),
+            "the registration's own zone wins"
+        );
+        assert!("openim-v2=openim:///,zone=".parse::<WatchSpec>().is_err());
+        let unchecked: WatchSpec = "etcd-naming=svc/,health=off,zone=a".parse().expect("spec");
+        assert!(!unchecked.health_checks && unchecked.zone.as_deref() == Some("a"));
+        assert!(naming.health_checks, "checked unless told");
+        assert!("etcd-naming=svc/,colour=red".parse::<WatchSpec>().is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! directly; every error is an [`ApiError`], answered as JSON.
 
 use crate::metrics::{Metrics, WaiterGuard};
-use crate::publish::{Answer, Cursor, Published, Publisher};
+use crate::publish::{Answer, Cursor, Position, Published, Publisher};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -164,6 +164,9 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SnapshotQuery {
     pub since: Option<u64>,
+    /// The health-check changes the client holds at `since` (see
+    /// [`Position`]); a client that sends none is not woken by them.
+    pub health_seq: Option<u64>,
     pub wait: Duration,
     /// `/v1/changes` only: the epoch of `since`.
     pub epoch: Option<String>,
@@ -195,6 +198,7 @@ impl SnapshotQuery {
             };
             match name.as_str() {
                 "since" => parsed.since = Some(number()?),
+                "health_seq" => parsed.health_seq = Some(number()?),
                 "wait" => parsed.wait = Duration::from_secs(number()?).min(MAX_WAIT),
                 "epoch" if changes => parsed.epoch = Some(value),
                 "services" if changes => {
@@ -213,6 +217,9 @@ impl SnapshotQuery {
         }
         if parsed.wait > Duration::ZERO && parsed.since.is_none() {
             return Err("`wait` needs `since`".into());
+        }
+        if parsed.health_seq.is_some() && parsed.since.is_none() {
+            return Err("`health_seq` needs `since`".into());
         }
         Ok(parsed)
     }
@@ -238,7 +245,10 @@ async fn snapshot(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let query = SnapshotQuery::parse(query.as_deref()).map_err(ApiError::bad_request)?;
-    let Some(since) = query.since else {
+    let Some(since) = query
+        .since
+        .map(|s| Position::of_client(s, query.health_seq))
+    else {
         let current = state.publisher.current().ok_or_else(ApiError::not_ready)?;
         let if_none_match = headers
             .get(header::IF_NONE_MATCH)
@@ -254,7 +264,7 @@ async fn snapshot(
     let deadline = tokio::time::Instant::now() + query.wait;
     loop {
         let current = changes.borrow_and_update().clone();
-        if let Some(current) = current.as_ref().filter(|c| c.revision() > since) {
+        if let Some(current) = current.as_ref().filter(|c| c.position() > since) {
             return Ok(full(current));
         }
         tokio::select! {
@@ -274,7 +284,9 @@ async fn changes(
 ) -> Result<Response, ApiError> {
     let query = SnapshotQuery::parse_changes(query.as_deref()).map_err(ApiError::bad_request)?;
     let cursor = Cursor {
-        since: query.since,
+        since: query
+            .since
+            .map(|s| Position::of_client(s, query.health_seq)),
         epoch: query.epoch,
         scope: query.services.map(Arc::new),
     };
@@ -365,6 +377,7 @@ async fn service(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no service {name:?}")))?;
     let body = serde_json::json!({
         "revision": current.revision(),
+        "health_seq": current.health_seq,
         "stale": current.stale,
         "name": name,
         "endpoints": service.service.endpoints,

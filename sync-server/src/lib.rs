@@ -4,6 +4,8 @@
 //! - [`format`] and [`registry`]: pure parsing and snapshot building;
 //! - [`etcd`]: list + watch, reconnecting, marking the snapshot stale;
 //! - [`publish`]: the snapshot being served and the long-poll signal;
+//! - [`health`] and [`observe`]: active gRPC health checks (when on),
+//!   their results put into what is served;
 //! - [`http`]: the v1 HTTP contract;
 //! - [`ui`]: the browser console at `/ui/`.
 //!
@@ -13,8 +15,10 @@
 
 pub mod etcd;
 pub mod format;
+pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod observe;
 pub mod publish;
 pub mod registry;
 pub mod snapshot_file;
@@ -26,7 +30,7 @@ use crate::http::{app, AppState};
 use crate::publish::{HistoryLimits, Publisher};
 use crate::registry::Registry;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +50,8 @@ pub struct Config {
     pub max_long_polls: usize,
     /// Keys per etcd listing request.
     pub list_page_size: i64,
+    /// Active health checks of every endpoint; off when `None`.
+    pub health: Option<health::HealthConfig>,
     /// Serve the console from this directory instead of the embedded files.
     pub ui_dir: Option<PathBuf>,
 }
@@ -60,6 +66,7 @@ impl Config {
             history: HistoryLimits::default(),
             max_long_polls: http::DEFAULT_MAX_LONG_POLLS,
             list_page_size: etcd::LIST_PAGE_SIZE,
+            health: None,
             ui_dir: None,
         }
     }
@@ -87,10 +94,36 @@ pub async fn run(
     let mut state = AppState::new(publisher.clone(), shutdown.clone());
     state.token = config.token.map(Arc::from);
     state.max_long_polls = config.max_long_polls;
+    let registry = Arc::new(Mutex::new(Registry::new(config.watches)));
+    if let Some(checks) = config.health {
+        let health_metrics = Arc::new(health::HealthMetrics::default());
+        let _ = state.metrics.health.set(Arc::clone(&health_metrics));
+        let (targets_tx, targets_rx) = tokio::sync::watch::channel(Arc::default());
+        let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(observe::follow_targets(
+            Arc::clone(&registry),
+            publisher.clone(),
+            targets_tx,
+            shutdown.clone(),
+        ));
+        tokio::spawn(observe::apply_health(
+            Arc::clone(&registry),
+            publisher.clone(),
+            results_rx,
+            shutdown.clone(),
+        ));
+        tokio::spawn(health::run(
+            checks,
+            targets_rx,
+            results_tx,
+            health_metrics,
+            shutdown.clone(),
+        ));
+    }
     let mut sync = tokio::spawn(etcd::sync(
         config.etcd,
         config.list_page_size,
-        Registry::new(config.watches),
+        registry,
         publisher.clone(),
         Arc::clone(&state.metrics),
         shutdown.clone(),

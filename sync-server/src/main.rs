@@ -4,8 +4,10 @@ use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use sync_server::etcd::{EtcdOptions, EtcdTls};
 use sync_server::format::WatchSpec;
+use sync_server::health::{CheckName, HealthConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -22,8 +24,10 @@ struct Cli {
     etcd: Vec<String>,
 
     /// A prefix to watch and its format, as <format>=<prefix>; formats:
-    /// etcd-naming, openim-v2. Repeat for several prefixes (in the
-    /// environment variable, separate them with spaces).
+    /// etcd-naming, openim-v2. Options after the prefix: `,zone=<zone>`
+    /// (for registrations that name none) and `,health=off` (not
+    /// health-checked). Repeat for several prefixes (in the environment
+    /// variable, separate them with spaces).
     #[arg(
         long = "watch",
         env = "SYNC_SERVER_WATCH",
@@ -90,11 +94,89 @@ struct Cli {
     #[arg(long, env = "SYNC_SERVER_MAX_LONG_POLLS", default_value_t = sync_server::http::DEFAULT_MAX_LONG_POLLS)]
     max_long_polls: usize,
 
+    /// Check every endpoint with grpc.health.v1.Health/Check; results go
+    /// out as each endpoint's `health` (unhealthy endpoints take no calls).
+    #[arg(long, env = "SYNC_SERVER_HEALTH_CHECKS")]
+    health_checks: bool,
+
+    /// Between two checks of one endpoint (jittered by up to 10%).
+    #[arg(long, env = "SYNC_SERVER_HEALTH_INTERVAL", default_value = "5s", value_parser = duration)]
+    health_interval: Duration,
+
+    /// The most one check may take, connecting included.
+    #[arg(long, env = "SYNC_SERVER_HEALTH_TIMEOUT", default_value = "1s", value_parser = duration)]
+    health_timeout: Duration,
+
+    /// Failed checks in a row that make an endpoint unhealthy.
+    #[arg(long, env = "SYNC_SERVER_HEALTH_UNHEALTHY_THRESHOLD", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    health_unhealthy_threshold: u32,
+
+    /// Passed checks in a row that make an unhealthy endpoint healthy.
+    #[arg(long, env = "SYNC_SERVER_HEALTH_HEALTHY_THRESHOLD", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    health_healthy_threshold: u32,
+
+    /// Checks in flight at once, over all endpoints.
+    #[arg(long, env = "SYNC_SERVER_HEALTH_MAX_CONCURRENT", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    health_max_concurrent: u64,
+
+    /// Connections kept to endpoints between checks; beyond it each check
+    /// connects anew (mind `ulimit -n`).
+    #[arg(long, env = "SYNC_SERVER_HEALTH_MAX_CONNECTIONS",
+          default_value_t = sync_server::health::DEFAULT_MAX_CONNECTIONS as u64)]
+    health_max_connections: u64,
+
+    /// The service named in each check: `registry` (the registry name of
+    /// the endpoint's service), `empty` (the server as a whole), or
+    /// `name:<grpc service>`.
+    #[arg(long, env = "SYNC_SERVER_HEALTH_SERVICE", default_value = "registry", value_parser = check_name)]
+    health_service: CheckName,
+
     /// Serve the browser console at /ui/ from this directory (what
     /// scripts/build-console.sh makes: console/dist) instead of the files
     /// embedded at build time.
     #[arg(long, env = "SYNC_SERVER_UI_DIR")]
     ui_dir: Option<PathBuf>,
+}
+
+/// `500ms`, `2s` or `1m`.
+fn duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (ms, s or m)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        _ => {
+            return Err(format!(
+                "{text:?} has the unit {unit:?}; expected ms, s or m"
+            ))
+        }
+    };
+    if duration.is_zero() {
+        return Err(format!("{text:?} is zero"));
+    }
+    Ok(duration)
+}
+
+fn check_name(text: &str) -> Result<CheckName, String> {
+    match text {
+        "registry" => Ok(CheckName::Registry),
+        "empty" => Ok(CheckName::Empty),
+        _ => match text.strip_prefix("name:") {
+            Some(name) if !name.is_empty() => Ok(CheckName::Fixed(name.to_owned())),
+            _ => Err(format!(
+                "{text:?}: expected registry, empty or name:<grpc service>"
+            )),
+        },
+    }
 }
 
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -136,6 +218,17 @@ impl Cli {
             bytes: self.history_bytes,
         };
         config.max_long_polls = self.max_long_polls;
+        if self.health_checks {
+            config.health = Some(HealthConfig {
+                interval: self.health_interval,
+                timeout: self.health_timeout,
+                unhealthy_threshold: self.health_unhealthy_threshold,
+                healthy_threshold: self.health_healthy_threshold,
+                max_concurrent: usize::try_from(self.health_max_concurrent).unwrap_or(usize::MAX),
+                max_connections: usize::try_from(self.health_max_connections).unwrap_or(usize::MAX),
+                check_name: self.health_service.clone(),
+            });
+        }
         if let Some(dir) = &self.ui_dir {
             anyhow::ensure!(
                 dir.join("index.html").is_file(),

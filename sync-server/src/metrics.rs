@@ -26,6 +26,8 @@ pub struct Metrics {
     /// Change-feed answers by kind.
     pub changes_full_total: AtomicU64,
     pub changes_delta_total: AtomicU64,
+    /// The health checks' own, when they run.
+    pub health: std::sync::OnceLock<Arc<crate::health::HealthMetrics>>,
 }
 
 impl Metrics {
@@ -54,9 +56,9 @@ impl Metrics {
         let revision = current.as_ref().map_or(0, |p| p.revision);
         let stale = current.as_ref().is_some_and(|p| p.stale);
         let history = current.as_ref().map_or(0, |p| p.history.len());
-        let floor = current.as_ref().map_or(0, |p| p.history.floor());
+        let floor = current.as_ref().map_or(0, |p| p.history.floor().revision);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 18] = [
+        let rows: [(&str, &str, &str, u64); 19] = [
             (
                 "sync_server_ready",
                 "gauge",
@@ -68,6 +70,12 @@ impl Metrics {
                 "gauge",
                 "etcd revision of the served snapshot",
                 revision,
+            ),
+            (
+                "sync_server_health_seq",
+                "gauge",
+                "health-check changes published (they move the tables between revisions)",
+                current.as_ref().map_or(0, |p| p.health_seq),
             ),
             (
                 "sync_server_stale",
@@ -172,6 +180,9 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
+        }
+        if let Some(health) = self.health.get() {
+            health.render(&mut out);
         }
         out
     }

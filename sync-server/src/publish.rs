@@ -37,21 +37,42 @@ impl Default for HistoryLimits {
     }
 }
 
-/// What changed at one revision (since the one published before it).
+/// Where a publication stands: the etcd revision, then the count of
+/// health-check changes (which move the tables without a new revision).
+/// Both only grow within one process, so positions order publications.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub revision: u64,
+    pub health: u64,
+}
+
+impl Position {
+    pub fn new(revision: u64, health: u64) -> Self {
+        Position { revision, health }
+    }
+
+    /// A client that names a revision but no health count (one that does
+    /// not follow health changes) holds that revision's last publication.
+    pub fn of_client(revision: u64, health: Option<u64>) -> Self {
+        Position::new(revision, health.unwrap_or(u64::MAX))
+    }
+}
+
+/// What changed at one position (since the one published before it).
 #[derive(Debug)]
 struct LogEntry {
-    revision: u64,
+    position: Position,
     services: Vec<Arc<str>>,
     rejections: Vec<Arc<str>>,
     bytes: usize,
 }
 
-/// The changes of the last revisions. Answers "what changed after
+/// The changes of the last publications. Answers "what changed after
 /// `since`" for any `since` from `floor` on.
 #[derive(Debug, Clone)]
 pub struct History {
     entries: imbl::Vector<Arc<LogEntry>>,
-    floor: u64,
+    floor: Position,
     bytes: usize,
     limits: HistoryLimits,
 }
@@ -64,18 +85,18 @@ pub struct Changed {
 }
 
 impl History {
-    /// An empty history of tables first published at `revision`.
-    pub fn new(revision: u64, limits: HistoryLimits) -> Self {
+    /// An empty history of tables first published at `position`.
+    pub fn new(position: Position, limits: HistoryLimits) -> Self {
         History {
             entries: imbl::Vector::new(),
-            floor: revision,
+            floor: position,
             bytes: 0,
             limits,
         }
     }
 
-    /// The oldest revision a delta can start from.
-    pub fn floor(&self) -> u64 {
+    /// The oldest position a delta can start from.
+    pub fn floor(&self) -> Position {
         self.floor
     }
 
@@ -87,11 +108,11 @@ impl History {
         self.entries.is_empty()
     }
 
-    fn push(&mut self, revision: u64, commit: Commit) {
+    fn push(&mut self, position: Position, commit: Commit) {
         let names = commit.services.iter().chain(&commit.rejections);
         let bytes = 64 + names.map(|n| n.len() + 16).sum::<usize>();
         self.entries.push_back(Arc::new(LogEntry {
-            revision,
+            position,
             services: commit.services,
             rejections: commit.rejections,
             bytes,
@@ -102,19 +123,19 @@ impl History {
                 break;
             };
             self.bytes -= oldest.bytes;
-            self.floor = oldest.revision;
+            self.floor = oldest.position;
         }
     }
 
     /// What changed after `since`; `None` when `since` is older than the
     /// history kept.
-    pub fn since(&self, since: u64) -> Option<Changed> {
+    pub fn since(&self, since: Position) -> Option<Changed> {
         if since < self.floor {
             return None;
         }
         let mut changed = Changed::default();
         for entry in self.entries.iter().rev() {
-            if entry.revision <= since {
+            if entry.position <= since {
                 break;
             }
             changed.services.extend(entry.services.iter().cloned());
@@ -127,8 +148,8 @@ impl History {
 /// What a change-feed client holds and wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Cursor {
-    /// The revision it holds; `None` asks for everything.
-    pub since: Option<u64>,
+    /// The position it holds; `None` asks for everything.
+    pub since: Option<Position>,
     /// The epoch of that revision, when the client knows it.
     pub epoch: Option<String>,
     /// Only these services (and no rejections), when set.
@@ -148,13 +169,16 @@ pub struct Answer {
 #[derive(Debug)]
 pub struct Published {
     pub revision: u64,
+    /// Health-check changes published so far by this process.
+    pub health_seq: u64,
     /// Names the etcd cluster and watch configuration (empty when unknown,
     /// as for a snapshot loaded from file).
     pub epoch: Arc<str>,
     pub stale: bool,
     pub tables: Tables,
     pub history: History,
-    /// `"<revision>"`, the ETag.
+    /// `"<revision>"`, or `"<revision>.<health_seq>"` once health checks
+    /// changed something: the ETag.
     pub etag: HeaderValue,
     full: OnceLock<Bytes>,
     answers: Mutex<VecDeque<(Cursor, Arc<Answer>)>>,
@@ -166,20 +190,25 @@ const ANSWERS_KEPT: usize = 16;
 
 impl Published {
     pub fn new(
-        revision: u64,
+        position: Position,
         epoch: Arc<str>,
         stale: bool,
         tables: Tables,
         history: History,
     ) -> Self {
+        let Position { revision, health } = position;
+        let etag = match health {
+            0 => format!("\"{revision}\""),
+            _ => format!("\"{revision}.{health}\""),
+        };
         Published {
             revision,
+            health_seq: health,
             epoch,
             stale,
             tables,
             history,
-            etag: HeaderValue::from_str(&format!("\"{revision}\""))
-                .unwrap_or(HeaderValue::from_static("\"0\"")),
+            etag: HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"0\"")),
             full: OnceLock::new(),
             answers: Mutex::new(VecDeque::new()),
         }
@@ -189,12 +218,17 @@ impl Published {
         self.revision
     }
 
+    pub fn position(&self) -> Position {
+        Position::new(self.revision, self.health_seq)
+    }
+
     /// The body of `GET /v1/snapshot`, encoded on first use.
     pub fn snapshot_body(&self) -> Bytes {
         self.full
             .get_or_init(|| {
                 let body = SnapshotOut {
                     revision: self.revision,
+                    health_seq: self.health_seq,
                     stale: self.stale,
                     services: ServicesOut(
                         self.tables
@@ -216,7 +250,7 @@ impl Published {
         let same_epoch = cursor.epoch.as_deref().is_none_or(|e| e == &*self.epoch);
         let changed = match cursor.since {
             Some(since) if same_epoch => match self.history.since(since) {
-                Some(_) if since >= self.revision => return None,
+                Some(_) if since >= self.position() => return None,
                 changed => changed,
             },
             _ => None,
@@ -240,7 +274,7 @@ impl Published {
 
     fn encode_changes(
         &self,
-        since: Option<u64>,
+        since: Option<Position>,
         changed: Option<Changed>,
         scope: Option<&BTreeSet<String>>,
     ) -> Answer {
@@ -248,7 +282,10 @@ impl Published {
         let services = &self.tables.services;
         let mut out = ChangesOut {
             revision: self.revision,
-            since: since.unwrap_or(0),
+            health_seq: self.health_seq,
+            since: since.map_or(0, |s| s.revision),
+            // A client that does not follow health changes sent none.
+            since_health_seq: since.map_or(0, |s| if s.health == u64::MAX { 0 } else { s.health }),
             epoch: &self.epoch,
             full: changed.is_none(),
             stale: self.stale,
@@ -346,6 +383,8 @@ fn rejected_out<'a>(
 #[derive(serde::Serialize)]
 struct SnapshotOut<'a> {
     revision: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    health_seq: u64,
     stale: bool,
     services: ServicesOut<'a>,
     rejected: Vec<RejectedOut<'a>>,
@@ -354,7 +393,11 @@ struct SnapshotOut<'a> {
 #[derive(serde::Serialize)]
 struct ChangesOut<'a> {
     revision: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    health_seq: u64,
     since: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    since_health_seq: u64,
     epoch: &'a str,
     full: bool,
     stale: bool,
@@ -363,6 +406,10 @@ struct ChangesOut<'a> {
     rejected: Vec<RejectedOut<'a>>,
     unrejected: Vec<&'a str>,
     digest: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Shared between the etcd loop and the HTTP side. `None` until the first
@@ -398,9 +445,10 @@ impl Publisher {
     /// Publishes tables with no history before them: a client holding an
     /// older revision, or one of another epoch, gets everything.
     pub fn publish_reset(&self, epoch: &str, revision: u64, tables: Tables) {
-        let history = History::new(revision, self.limits);
+        let position = Position::new(revision, self.health_seq());
+        let history = History::new(position, self.limits);
         self.send(Published::new(
-            revision,
+            position,
             epoch.into(),
             false,
             tables,
@@ -414,23 +462,43 @@ impl Publisher {
         let Some(current) = self.current() else {
             return;
         };
+        let position = Position::new(revision, current.health_seq);
         let mut history = current.history.clone();
-        history.push(revision, commit);
+        history.push(position, commit);
         let epoch = Arc::clone(&current.epoch);
-        self.send(Published::new(revision, epoch, false, tables, history));
+        self.send(Published::new(position, epoch, false, tables, history));
+    }
+
+    /// Publishes tables whose health changed, at the same revision: the
+    /// position's health count moves on instead.
+    pub fn publish_health(&self, commit: Commit, tables: Tables) {
+        let Some(current) = self.current() else {
+            return;
+        };
+        let position = Position::new(current.revision, current.health_seq + 1);
+        let mut history = current.history.clone();
+        history.push(position, commit);
+        self.send(Published::new(
+            position,
+            Arc::clone(&current.epoch),
+            current.stale,
+            tables,
+            history,
+        ));
+    }
+
+    /// The health count published so far (it never goes back, so
+    /// positions keep growing across a re-listing).
+    fn health_seq(&self) -> u64 {
+        self.current().map_or(0, |c| c.health_seq)
     }
 
     /// Serves a snapshot loaded from file, stale, of no known epoch.
     pub fn publish_loaded(&self, snapshot: &Snapshot) {
-        let history = History::new(snapshot.revision, self.limits);
+        let position = Position::new(snapshot.revision, 0);
+        let history = History::new(position, self.limits);
         let tables = Tables::from_snapshot(snapshot);
-        self.send(Published::new(
-            snapshot.revision,
-            "".into(),
-            true,
-            tables,
-            history,
-        ));
+        self.send(Published::new(position, "".into(), true, tables, history));
     }
 
     /// Marks the held tables stale (etcd unreachable) or fresh again,
@@ -438,7 +506,7 @@ impl Publisher {
     pub fn set_stale(&self, stale: bool) {
         if let Some(current) = self.current().filter(|c| c.stale != stale) {
             self.send(Published::new(
-                current.revision,
+                current.position(),
                 Arc::clone(&current.epoch),
                 stale,
                 current.tables.clone(),
@@ -501,7 +569,7 @@ mod tests {
 
     fn since(revision: u64) -> Cursor {
         Cursor {
-            since: Some(revision),
+            since: Some(Position::of_client(revision, None)),
             epoch: Some("e".into()),
             scope: None,
         }
@@ -579,17 +647,65 @@ mod tests {
     #[test]
     fn history_is_bounded_by_bytes() {
         let mut history = History::new(
-            1,
+            Position::new(1, 0),
             HistoryLimits {
                 changes: 100,
                 bytes: 500,
             },
         );
         for revision in 2..50 {
-            history.push(revision, commit(&["a-service-name"]));
+            history.push(Position::new(revision, 0), commit(&["a-service-name"]));
         }
         assert!(history.len() < 10, "{}", history.len());
         assert!(history.since(history.floor()).is_some());
-        assert!(history.since(history.floor() - 1).is_none());
+        let floor = history.floor();
+        assert!(history
+            .since(Position::new(floor.revision - 1, 0))
+            .is_none());
+    }
+
+    #[test]
+    fn health_changes_move_the_position_not_the_revision() {
+        let p = Publisher::new(HistoryLimits::default());
+        let v1 = snapshot(10, &[("a", service(1, 1)), ("b", service(2, 1))]);
+        p.publish_reset("e", 10, Tables::from_snapshot(&v1));
+        let mut v2 = v1.clone();
+        v2.services.get_mut("a").expect("a").endpoints[0].health =
+            Some(etcd_mesh_wire::Health::Unhealthy);
+        p.publish_health(commit(&["a"]), Tables::from_snapshot(&v2));
+        let current = p.current().expect("published");
+        assert_eq!((current.revision, current.health_seq), (10, 1));
+        assert_eq!(current.etag, "\"10.1\"");
+        let follower = Cursor {
+            since: Some(Position::new(10, 0)),
+            epoch: Some("e".into()),
+            scope: None,
+        };
+        let delta = changes(&p, follower).expect("the health change");
+        assert_eq!(
+            (
+                delta.revision,
+                delta.health_seq,
+                delta.since,
+                delta.since_health_seq
+            ),
+            (10, 1, 10, 0)
+        );
+        assert_eq!(delta.services.keys().collect::<Vec<_>>(), ["a"]);
+        // A client that does not follow health is not woken by it.
+        assert_eq!(changes(&p, since(10)), None);
+        // The next revision carries the count on, and a re-listing too.
+        p.publish_change(11, commit(&["b"]), Tables::from_snapshot(&v2));
+        assert_eq!(
+            p.current().expect("published").position(),
+            Position::new(11, 1)
+        );
+        let delta = changes(&p, since(10)).expect("newer");
+        assert_eq!(delta.services.keys().collect::<Vec<_>>(), ["b"]);
+        p.publish_reset("e", 11, Tables::from_snapshot(&v2));
+        assert_eq!(p.current().expect("published").health_seq, 1);
+        let body: serde_json::Value =
+            serde_json::from_slice(&p.current().expect("published").snapshot_body()).expect("json");
+        assert_eq!(body["health_seq"], 1);
     }
 }

@@ -10,9 +10,15 @@
 //! Duplicates: when one service has the same address under two keys, the
 //! most recently written key (highest `mod_revision`, then the greater key)
 //! gives the endpoint and the other is listed under `rejected`.
+//!
+//! Besides what etcd holds, each endpoint carries what this process
+//! observed of it: when it began serving (`serving_since_ms`: its arrival
+//! after the first listing, or its return to health) and its health-check
+//! result. Those are this process's own: another replica, or this one
+//! after a restart, has its own (the epoch says so, see [`crate::etcd`]).
 
 use crate::format::{parse, Registration, WatchSpec};
-use etcd_mesh_wire::{Digest, Endpoint, Service};
+use etcd_mesh_wire::{Digest, Endpoint, Health, Service};
 use serde_json::value::RawValue;
 use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -135,9 +141,24 @@ pub enum Change {
     Unchanged,
 }
 
+/// What this process observed of one endpoint.
+#[derive(Debug, Default, Clone, Copy)]
+struct Observed {
+    serving_since_ms: Option<u64>,
+    health: Option<Health>,
+}
+
 #[derive(Debug)]
 pub struct Registry {
     specs: Vec<WatchSpec>,
+    /// By service, then address.
+    observed: HashMap<String, HashMap<String, Observed>>,
+    /// Whether the first commit ran: endpoints it found are not new.
+    primed: bool,
+    /// Services whose health changed since the last health commit.
+    health_touched: HashSet<String>,
+    /// By service, the addresses read only through `health=off` watches.
+    unchecked: HashMap<String, HashSet<String>>,
     entries: HashMap<Id, Entry>,
     /// The entries that parsed, by service.
     by_service: HashMap<String, BTreeSet<Id>>,
@@ -158,6 +179,10 @@ impl Registry {
     pub fn new(specs: Vec<WatchSpec>) -> Self {
         Registry {
             specs,
+            observed: HashMap::new(),
+            primed: false,
+            health_touched: HashSet::new(),
+            unchecked: HashMap::new(),
             entries: HashMap::new(),
             by_service: HashMap::new(),
             duplicates: HashMap::new(),
@@ -289,17 +314,23 @@ impl Registry {
         }
     }
 
-    /// Rebuilds what changed since the last commit and says what differs.
+    /// Rebuilds what changed since the last commit and says what differs,
+    /// stamping endpoints new since the first commit with the time now.
     pub fn commit(&mut self) -> Commit {
+        self.commit_at(unix_ms())
+    }
+
+    pub fn commit_at(&mut self, now_ms: u64) -> Commit {
         let mut commit = Commit::default();
         let mut names: Vec<String> = self.touched_services.drain().collect();
         names.sort();
         for name in names {
-            let service = self.build(&name);
+            let service = self.build(&name, now_ms);
             if self.tables.set_service(&name, service) {
                 commit.services.push(name.as_str().into());
             }
         }
+        self.primed = true;
         let mut keys: Vec<Vec<u8>> = self.touched_keys.drain().collect();
         keys.sort();
         for key in keys {
@@ -321,10 +352,71 @@ impl Registry {
         commit
     }
 
+    /// Records a health-check result; false when it changes nothing (the
+    /// endpoint is gone, or its health was that already). A return to
+    /// health starts the endpoint's slow start again.
+    pub fn set_health(&mut self, service: &str, addr: &str, health: Health, now_ms: u64) -> bool {
+        let Some(seen) = self
+            .observed
+            .get_mut(service)
+            .and_then(|by_addr| by_addr.get_mut(addr))
+        else {
+            return false;
+        };
+        if seen.health == Some(health) {
+            return false;
+        }
+        let recovered = matches!(seen.health, Some(Health::Unhealthy | Health::NotServing));
+        if recovered && health == Health::Healthy {
+            seen.serving_since_ms = Some(now_ms);
+        }
+        seen.health = Some(health);
+        self.health_touched.insert(service.to_owned());
+        true
+    }
+
+    /// Rebuilds the services whose health changed, but not those with etcd
+    /// changes still pending (those wait for their revision, and take their
+    /// health with them): content never changes under a revision.
+    pub fn commit_health(&mut self, now_ms: u64) -> Commit {
+        let mut commit = Commit::default();
+        let mut names: Vec<String> = self
+            .health_touched
+            .drain()
+            .filter(|name| !self.touched_services.contains(name))
+            .collect();
+        names.sort();
+        for name in names {
+            let service = self.build(&name, now_ms);
+            if self.tables.set_service(&name, service) {
+                commit.services.push(name.as_str().into());
+            }
+        }
+        commit
+    }
+
+    /// Whether the endpoint came through a watch with health checks.
+    pub fn checked(&self, service: &str, addr: &str) -> bool {
+        !self
+            .unchecked
+            .get(service)
+            .is_some_and(|addrs| addrs.contains(addr))
+    }
+
+    /// Whether an etcd listing has been committed: what is built stands
+    /// for etcd's content (and not nothing yet).
+    pub fn primed(&self) -> bool {
+        self.primed
+    }
+
     /// The endpoints of one service from its entries, sorted by address;
     /// `None` when it has none. Records the duplicates it finds.
-    fn build(&mut self, name: &str) -> Option<Service> {
-        let ids = self.by_service.get(name)?;
+    fn build(&mut self, name: &str, now_ms: u64) -> Option<Service> {
+        let Some(ids) = self.by_service.get(name) else {
+            self.observed.remove(name);
+            self.unchecked.remove(name);
+            return None;
+        };
         // addr → (mod_revision, id, endpoint) of the current winner.
         type Held<'a> = (i64, &'a Id, &'a Endpoint);
         let mut by_addr: BTreeMap<&str, Held<'_>> = BTreeMap::new();
@@ -355,8 +447,20 @@ impl Registry {
                 }
             }
         }
-        let endpoints: Vec<Endpoint> = by_addr.into_values().map(|(_, _, e)| e.clone()).collect();
+        let unchecked: HashSet<String> = by_addr
+            .values()
+            .filter(|(_, id, _)| !self.specs.get(id.0).is_some_and(|s| s.health_checks))
+            .map(|(_, _, e)| e.addr.clone())
+            .collect();
+        let mut endpoints: Vec<Endpoint> =
+            by_addr.into_values().map(|(_, _, e)| e.clone()).collect();
         let ids: Vec<Id> = ids.iter().cloned().collect();
+        self.observe(name, &mut endpoints, now_ms);
+        if unchecked.is_empty() {
+            self.unchecked.remove(name);
+        } else {
+            self.unchecked.insert(name.to_owned(), unchecked);
+        }
         for id in ids {
             if self.duplicates.remove(&id).is_some() {
                 self.touched_keys.insert(id.1.clone());
@@ -373,6 +477,39 @@ impl Registry {
         // The duplicates' rejections are settled in this same commit.
         (!endpoints.is_empty()).then_some(Service { endpoints })
     }
+}
+
+impl Registry {
+    /// Adds what this process observed to `endpoints` (sorted by address),
+    /// and forgets what it observed of endpoints gone: one that comes back
+    /// is new again.
+    fn observe(&mut self, name: &str, endpoints: &mut [Endpoint], now_ms: u64) {
+        let new_since = self.primed.then_some(now_ms);
+        let by_addr = self.observed.entry(name.to_owned()).or_default();
+        for endpoint in endpoints.iter_mut() {
+            let seen = by_addr.entry(endpoint.addr.clone()).or_insert(Observed {
+                serving_since_ms: new_since,
+                health: None,
+            });
+            endpoint.serving_since_ms = seen.serving_since_ms;
+            endpoint.health = seen.health;
+        }
+        by_addr.retain(|addr, _| {
+            endpoints
+                .binary_search_by(|e| e.addr.as_str().cmp(addr))
+                .is_ok()
+        });
+        if by_addr.is_empty() {
+            self.observed.remove(name);
+        }
+    }
+}
+
+/// The time now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn lossy(key: &[u8]) -> String {
@@ -400,6 +537,7 @@ mod tests {
         let tables = r.tables();
         Snapshot {
             revision: r.revision(),
+            health_seq: 0,
             stale: false,
             services: tables
                 .services
@@ -512,7 +650,87 @@ mod tests {
             rebuilt.put(id.0, &id.1, &value, r.entries[id].mod_revision);
         }
         rebuilt.advance(r.revision());
-        assert_eq!(snapshot(&mut rebuilt), incremental);
+        // A one-shot build has seen nothing arrive: no start times.
+        let mut unstamped = incremental.clone();
+        for service in unstamped.services.values_mut() {
+            for endpoint in &mut service.endpoints {
+                endpoint.serving_since_ms = None;
+            }
+        }
+        assert_eq!(snapshot(&mut rebuilt), unstamped);
+    }
+
+    #[test]
+    fn arrivals_and_health_are_observed_per_endpoint() {
+        let endpoint = |r: &Registry, addr: &str| {
+            r.tables().services["s"]
+                .service
+                .endpoints
+                .iter()
+                .find(|e| e.addr == addr)
+                .cloned()
+                .expect("listed")
+        };
+        let mut r = registry();
+        r.put(0, b"svc/s/a", &naming("127.0.0.1:1", 1), 2);
+        r.commit_at(1_000);
+        assert_eq!(
+            endpoint(&r, "127.0.0.1:1").serving_since_ms,
+            None,
+            "listed at start"
+        );
+        r.put(0, b"svc/s/b", &naming("127.0.0.1:2", 1), 3);
+        r.commit_at(2_000);
+        assert_eq!(endpoint(&r, "127.0.0.1:2").serving_since_ms, Some(2_000));
+        // A weight change is not an arrival.
+        r.put(0, b"svc/s/b", &naming("127.0.0.1:2", 5), 4);
+        r.commit_at(3_000);
+        assert_eq!(endpoint(&r, "127.0.0.1:2").serving_since_ms, Some(2_000));
+
+        assert!(r.set_health("s", "127.0.0.1:1", Health::Unhealthy, 4_000));
+        assert!(!r.set_health("s", "127.0.0.1:1", Health::Unhealthy, 4_000));
+        assert!(
+            !r.set_health("s", "127.0.0.1:9", Health::Unhealthy, 4_000),
+            "unknown"
+        );
+        let commit = r.commit_health(4_000);
+        assert_eq!(commit.services, [Arc::from("s")]);
+        assert_eq!(endpoint(&r, "127.0.0.1:1").health, Some(Health::Unhealthy));
+        r.set_health("s", "127.0.0.1:1", Health::Healthy, 5_000);
+        r.commit_health(5_000);
+        let back = endpoint(&r, "127.0.0.1:1");
+        assert_eq!(
+            (back.health, back.serving_since_ms),
+            (Some(Health::Healthy), Some(5_000))
+        );
+
+        // A health change waits while the service has an etcd change pending.
+        r.put(0, b"svc/s/b", &naming("127.0.0.1:2", 7), 6);
+        r.set_health("s", "127.0.0.1:2", Health::NotServing, 6_000);
+        assert!(r.commit_health(6_000).services.is_empty());
+        assert_eq!(endpoint(&r, "127.0.0.1:2").weight, 5);
+        r.commit_at(6_000);
+        let both = endpoint(&r, "127.0.0.1:2");
+        assert_eq!((both.weight, both.health), (7, Some(Health::NotServing)));
+
+        // Endpoints read through a `health=off` watch are not checked.
+        let mut mixed = Registry::new(vec![
+            "etcd-naming=svc/".parse().expect("spec"),
+            "etcd-naming=quiet/,health=off".parse().expect("spec"),
+        ]);
+        mixed.put(0, b"svc/s/a", &naming("127.0.0.1:1", 1), 2);
+        mixed.put(1, b"quiet/s/b", &naming("127.0.0.1:2", 1), 3);
+        mixed.commit_at(1_000);
+        assert!(mixed.checked("s", "127.0.0.1:1"));
+        assert!(!mixed.checked("s", "127.0.0.1:2"));
+
+        // Gone and back: new again, its health forgotten.
+        r.delete(0, b"svc/s/b");
+        r.commit_at(7_000);
+        r.put(0, b"svc/s/b", &naming("127.0.0.1:2", 1), 8);
+        r.commit_at(8_000);
+        let again = endpoint(&r, "127.0.0.1:2");
+        assert_eq!((again.health, again.serving_since_ms), (None, Some(8_000)));
     }
 
     #[test]

@@ -198,12 +198,18 @@ async fn deltas_carry_what_changed_and_old_revisions_get_everything() {
     .await;
     assert!(foreign.expect("answer").full);
 
-    // A restarted sync-server keeps no history from before: a client
-    // behind its first listing gets everything, one at it gets nothing.
+    // A restarted sync-server is another process, with its own
+    // observations (arrival times, health) and so another epoch: every
+    // client gets everything once, even one at its revision, then nothing
+    // more until something changes.
     drop(server);
     let restarted = ready_server(config(&etcd, &["etcd-naming=svc/"], 3)).await;
     let (_, after_restart, _) = changes(&restarted, &start.query(0)).await;
     assert!(after_restart.expect("answer").full);
+    let (_, current, _) = changes(&restarted, &follower.query(0)).await;
+    let current = current.expect("answer");
+    assert!(current.full && current.epoch != follower.epoch);
+    follower.apply(current);
     assert_eq!(changes(&restarted, &follower.query(0)).await.0, 304);
 }
 

@@ -237,20 +237,38 @@ impl Envoy {
     /// Waits until the plugin holds tables at `revision` or newer: the
     /// poller, and every worker (each reads new tables on its tick).
     pub async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> Result<(), String> {
-        wait_for(
-            &format!("the plugin's poller and workers to hold revision {revision}"),
-            timeout,
-            || async move {
-                let held = self.stat("wasmcustom.etcd_mesh.table_revision").await?;
-                let workers = self
-                    .stats_matching("^wasmcustom.etcd_mesh.worker_[0-9]*.table_revision$")
-                    .await;
-                (held >= revision
-                    && !workers.is_empty()
-                    && workers.iter().all(|(_, r)| *r >= revision))
+        let what = format!("the plugin's poller and workers to hold revision {revision}");
+        self.wait_for_tables(&what, "table_revision", timeout, |held| held >= revision)
+            .await
+    }
+
+    /// Waits until the poller and every worker hold tables of `digest`
+    /// (sync-server's `sync_server_tables_digest`): what a health change,
+    /// which moves no revision, is waited on by.
+    pub async fn wait_for_digest(&self, digest: u64, timeout: Duration) -> Result<(), String> {
+        let what = format!("the plugin's poller and workers to hold digest {digest}");
+        self.wait_for_tables(&what, "table_digest", timeout, |held| held == digest)
+            .await
+    }
+
+    /// Waits until the poller's gauge `etcd_mesh.<gauge>` and every
+    /// worker's `etcd_mesh.worker_<n>.<gauge>` satisfy `holds`.
+    async fn wait_for_tables(
+        &self,
+        what: &str,
+        gauge: &str,
+        timeout: Duration,
+        holds: impl Fn(u64) -> bool,
+    ) -> Result<(), String> {
+        let holds = &holds;
+        wait_for(what, timeout, || async move {
+            let poller = self.stat(&format!("wasmcustom.etcd_mesh.{gauge}")).await?;
+            let workers = self
+                .stats_matching(&format!("^wasmcustom.etcd_mesh.worker_[0-9]*.{gauge}$"))
+                .await;
+            (holds(poller) && !workers.is_empty() && workers.iter().all(|(_, v)| holds(*v)))
                 .then_some(())
-            },
-        )
+        })
         .await
         .map_err(|e| format!("{e}\n{}", self.proc.log_tail(30)))
     }

@@ -43,10 +43,20 @@ impl Mesh {
     }
 
     /// With these Envoy options (the sync-server address is filled in).
-    pub async fn start_with(mut options: EnvoyOptions) -> Mesh {
+    pub async fn start_with(options: EnvoyOptions) -> Mesh {
+        Self::start_configured(options, |_| {}).await
+    }
+
+    /// With these Envoy options and sync-server configured by `configure`.
+    pub async fn start_configured(
+        mut options: EnvoyOptions,
+        configure: impl FnOnce(&mut sync_server::Config),
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("temporary dir");
         let etcd = Etcd::start(dir.path()).await.expect("etcd starts");
-        let (sync_addr, sync_stop) = start_sync_server(&etcd).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (sync_addr, sync_stop) =
+            start_sync_server_with(vec![etcd.endpoint()], listener, configure).await;
         options.sync_servers = vec![sync_addr];
         let envoy = Envoy::start(dir.path(), options)
             .await
@@ -151,12 +161,22 @@ pub async fn start_sync_server_on(
     etcd: Vec<String>,
     listener: TcpListener,
 ) -> (SocketAddr, CancellationToken) {
+    start_sync_server_with(etcd, listener, |_| {}).await
+}
+
+/// The same, configured further by `configure`.
+pub async fn start_sync_server_with(
+    etcd: Vec<String>,
+    listener: TcpListener,
+    configure: impl FnOnce(&mut sync_server::Config),
+) -> (SocketAddr, CancellationToken) {
     let addr = listener.local_addr().expect("local addr");
     let stop = CancellationToken::new();
-    let config = sync_server::Config::new(
+    let mut config = sync_server::Config::new(
         EtcdOptions::new(etcd),
         vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
     );
+    configure(&mut config);
     tokio::spawn(sync_server::run(config, listener, stop.clone()));
     wait_ready(addr, DEADLINE)
         .await
@@ -168,6 +188,8 @@ pub async fn start_sync_server_on(
 pub struct Backend {
     pub addr: SocketAddr,
     stop: CancellationToken,
+    /// What its gRPC health service answers for `demo.Echo`.
+    serving: tokio::sync::watch::Sender<bool>,
     registration: Option<Registration>,
 }
 
@@ -177,10 +199,12 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let stop = CancellationToken::new();
-        tokio::spawn(backend::serve(listener, stop.clone()));
+        let (serving, told) = tokio::sync::watch::channel(true);
+        tokio::spawn(backend::serve_with_health(listener, stop.clone(), told));
         Backend {
             addr,
             stop,
+            serving,
             registration: None,
         }
     }
@@ -193,8 +217,16 @@ impl Backend {
     }
 
     pub async fn register(&mut self, etcd: Vec<String>, weight: u32) {
-        let instance =
+        self.register_in(etcd, weight, None).await;
+    }
+
+    /// Registers with `weight`, in `zone` when given.
+    pub async fn register_in(&mut self, etcd: Vec<String>, weight: u32, zone: Option<&str>) {
+        let mut instance =
             Instance::new(DEMO_PREFIX, DEMO_SERVICE, &self.addr.to_string()).with_weight(weight);
+        if let Some(zone) = zone {
+            instance = instance.with_zone(zone);
+        }
         let registration = Registration::start(etcd, instance).expect("valid instance");
         registration
             .registered(DEADLINE)
@@ -209,6 +241,11 @@ impl Backend {
         self.stop.cancel();
     }
 
+    /// Makes its health service answer `SERVING` or `NOT_SERVING`.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.send_replace(serving);
+    }
+
     /// Deletes the registration (the server keeps serving).
     pub async fn deregister(&mut self) {
         if let Some(registration) = self.registration.take() {
@@ -220,6 +257,50 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A `demo-backend` process (built by `make test`), registered in etcd by
+/// itself: what a real instance is, so that a test can SIGKILL it.
+pub struct BackendProcess {
+    pub addr: SocketAddr,
+    proc: etcd_mesh_demo::stack::Proc,
+    _dir: TempDir,
+}
+
+impl BackendProcess {
+    /// Starts one on a free port with `weight` and a lease of `ttl_s`
+    /// seconds; the caller waits for it to be listed.
+    pub fn start(etcd: &[String], weight: u32, ttl_s: u64) -> BackendProcess {
+        let binary = etcd_mesh_demo::stack::workspace_root().join("target/debug/demo-backend");
+        assert!(
+            binary.exists(),
+            "no {}: `make test` builds it (cargo build -p etcd-mesh-demo --bin demo-backend)",
+            binary.display()
+        );
+        let port = etcd_mesh_demo::stack::free_port().expect("a free port");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let dir = tempfile::tempdir().expect("temporary dir");
+        let mut command = std::process::Command::new(binary);
+        command
+            .args(["--etcd", &etcd.join(","), "--listen", &addr.to_string()])
+            .args(["--weight", &weight.to_string(), "--ttl", &ttl_s.to_string()]);
+        let proc = etcd_mesh_demo::stack::Proc::spawn(
+            "demo-backend",
+            command,
+            dir.path().join("backend.log"),
+        )
+        .expect("demo-backend starts");
+        BackendProcess {
+            addr,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL: no deregistration, the lease lives until its TTL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
     }
 }
 

@@ -26,6 +26,11 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 pub struct Snapshot {
     /// The etcd revision this snapshot is consistent at.
     pub revision: u64,
+    /// How many health-check changes sync-server has published (they move
+    /// the tables without a new etcd revision); 0 and left out when health
+    /// checks are off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub health_seq: u64,
     /// True while sync-server cannot reach etcd and serves its last view.
     #[serde(default)]
     pub stale: bool,
@@ -215,9 +220,16 @@ impl Service {
 pub struct Changes {
     /// The etcd revision the client holds once it applied this answer.
     pub revision: u64,
+    /// With `revision`, the position the client holds: health-check
+    /// changes move it without a new revision. Sent back as `health_seq`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub health_seq: u64,
     /// The revision these changes start from (0 with `full`).
     #[serde(default)]
     pub since: u64,
+    /// The health count these changes start from.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub since_health_seq: u64,
     /// Names the etcd cluster and watch configuration the revisions belong
     /// to; revisions of different epochs cannot be compared.
     pub epoch: String,
@@ -260,7 +272,7 @@ impl Changes {
         if self.full && !self.removed.is_empty() {
             return Err("a full answer lists removed services".into());
         }
-        if !self.full && self.since > self.revision {
+        if !self.full && (self.since, self.since_health_seq) > (self.revision, self.health_seq) {
             return Err(format!(
                 "changes since {} end at the older revision {}",
                 self.since, self.revision
@@ -309,6 +321,10 @@ impl Digest {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Parses an endpoint address. Envoy connects to it directly, so it must be
 /// a literal `ip:port` with a non-zero port: host names are refused.
 pub fn parse_addr(addr: &str) -> Result<SocketAddr, String> {
@@ -334,6 +350,7 @@ mod tests {
         services.insert("demo.Echo".to_string(), Service { endpoints });
         Snapshot {
             revision: 7,
+            health_seq: 0,
             stale: false,
             services,
             rejected: vec![],

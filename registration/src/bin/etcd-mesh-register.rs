@@ -134,6 +134,11 @@ enum Command {
         /// Extra metadata, key=value; repeatable.
         #[arg(long = "meta", value_parser = parse_meta)]
         metadata: Vec<(String, String)>,
+        /// The zone this instance runs in (written as `Metadata.zone`; the
+        /// openim-v2 form has no metadata: give sync-server's --watch a
+        /// `,zone=` instead).
+        #[arg(long, env = "ETCD_MESH_ZONE", conflicts_with = "openim_schema")]
+        zone: Option<String>,
     },
     /// Lists the registrations under a prefix: key, address, weight, TTL left.
     List {
@@ -220,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
             prefix,
             openim_schema,
             metadata,
+            zone,
         } => {
             let mut instance = Instance::new(&prefix, &service, &addr)
                 .with_weight(weight)
@@ -228,6 +234,9 @@ async fn main() -> anyhow::Result<()> {
                 instance.format = KeyFormat::OpenimV2 { schema };
             }
             instance.metadata = metadata.into_iter().map(|(k, v)| (k, v.into())).collect();
+            if let Some(zone) = zone {
+                instance = instance.with_zone(zone);
+            }
             let registration = Registration::start_with(options, instance)?;
             let mut states = registration.watch_state();
             let stop = stop_signal();
