@@ -16,6 +16,9 @@ pub const LOG_LEN: usize = 20;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LogEntry {
     pub revision: u64,
+    /// Health-check changes published so far (they move the tables
+    /// without a new etcd revision).
+    pub health_seq: u64,
     pub full: bool,
     /// One line per change, e.g. `demo.Echo: 3 endpoints` or `removed x`.
     pub what: Vec<String>,
@@ -25,6 +28,7 @@ pub struct LogEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
     pub revision: u64,
+    pub health_seq: u64,
     pub epoch: String,
     pub stale: bool,
     pub services: BTreeMap<String, Service>,
@@ -49,13 +53,22 @@ impl Tables {
     }
 
     /// The query that asks the change feed for what follows what is held:
-    /// empty (everything) when nothing is held.
+    /// empty (everything) when nothing is held. `health_seq` goes back too,
+    /// so that health-check changes wake the long-poll.
     pub fn query(&self) -> String {
         if !self.holds {
             return String::new();
         }
         let epoch: String = url_encode(&self.epoch);
-        format!("since={}&epoch={epoch}", self.revision)
+        format!(
+            "since={}&health_seq={}&epoch={epoch}",
+            self.revision, self.health_seq
+        )
+    }
+
+    /// Where the held tables are: the etcd revision, then health changes.
+    fn position(&self) -> (u64, u64) {
+        (self.revision, self.health_seq)
     }
 
     /// Forgets the tables (the log stays), so the next poll asks for all.
@@ -88,17 +101,20 @@ impl Tables {
                     changes.epoch, self.epoch
                 ));
             }
-            if changes.since > self.revision {
+            if (changes.since, changes.since_health_seq) > self.position() {
                 return Err(format!(
-                    "a delta since {} while revision {} is held",
-                    changes.since, self.revision
+                    "a delta since {}.{} while {}.{} is held",
+                    changes.since, changes.since_health_seq, self.revision, self.health_seq
                 ));
             }
         }
-        if self.holds && changes.epoch == self.epoch && changes.revision < self.revision {
+        if self.holds
+            && changes.epoch == self.epoch
+            && (changes.revision, changes.health_seq) < self.position()
+        {
             return Err(format!(
-                "revision {} is older than the held {}",
-                changes.revision, self.revision
+                "{}.{} is older than the held {}.{}",
+                changes.revision, changes.health_seq, self.revision, self.health_seq
             ));
         }
         // Built aside, so a refused answer leaves nothing half applied.
@@ -146,11 +162,13 @@ impl Tables {
             ));
         }
         next.revision = changes.revision;
+        next.health_seq = changes.health_seq;
         next.epoch = changes.epoch;
         next.stale = changes.stale;
         next.holds = true;
         let entry = LogEntry {
             revision: changes.revision,
+            health_seq: changes.health_seq,
             full: changes.full,
             what,
         };
@@ -237,7 +255,7 @@ mod tests {
         assert!(entry.full);
         assert_eq!(tables.revision, 10);
         assert_eq!(tables.rejected["bad/key"], "not ip:port");
-        assert_eq!(tables.query(), "since=10&epoch=e1");
+        assert_eq!(tables.query(), "since=10&health_seq=0&epoch=e1");
 
         services.remove("b");
         services.insert("a".to_string(), service(&[2]));
@@ -321,6 +339,37 @@ mod tests {
         tables.apply_body(&empty.encode()).expect("empty delta");
         assert_eq!(tables.revision, 4);
         assert_eq!(tables.log.len(), 1);
+    }
+
+    #[test]
+    fn a_health_change_is_a_delta_at_the_same_revision() {
+        let mut tables = Tables::new();
+        let services: BTreeMap<_, _> = [("a".to_string(), service(&[1, 1]))].into();
+        tables
+            .apply_body(&full(10, services).encode())
+            .expect("full");
+        let mut unhealthy = service(&[1, 1]);
+        unhealthy.endpoints[1].health = Some(etcd_mesh_wire::Health::Unhealthy);
+        let changed: BTreeMap<_, _> = [("a".to_string(), unhealthy)].into();
+        let delta = Changes {
+            revision: 10,
+            health_seq: 1,
+            since: 10,
+            epoch: "e1".into(),
+            digest: digest_of(&changed),
+            services: changed,
+            ..Changes::default()
+        };
+        tables.apply_body(&delta.encode()).expect("health delta");
+        assert_eq!(tables.query(), "since=10&health_seq=1&epoch=e1");
+        // The same position again from a replica is no news, an older one is refused.
+        let older = Changes {
+            revision: 10,
+            epoch: "e1".into(),
+            full: true,
+            ..Changes::default()
+        };
+        assert!(tables.apply_body(&older.encode()).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub const MAX_PICKS: usize = 1000;
 #[derive(Debug, Serialize)]
 pub struct View<'a> {
     pub revision: u64,
+    pub health_seq: u64,
     pub epoch: &'a str,
     pub stale: bool,
     /// Services held in all, before the filter.
@@ -83,6 +84,7 @@ pub fn view<'a>(tables: &'a Tables, filter: &str) -> View<'a> {
         .collect();
     View {
         revision: tables.revision,
+        health_seq: tables.health_seq,
         epoch: &tables.epoch,
         stale: tables.stale,
         total_services: tables.services.len(),

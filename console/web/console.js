@@ -124,7 +124,7 @@ async function watchReadiness() {
 function render() {
   const all = JSON.parse(held.view(""));
   const view = filter ? JSON.parse(held.view(filter)) : all;
-  setState("revision", view.revision);
+  setState("revision", view.health_seq ? `${view.revision} (health changes ${view.health_seq})` : view.revision);
   setState("etcd", view.stale ? "unreachable" : "connected", !view.stale);
   setState("stale", view.stale ? "stale (last known)" : "fresh", !view.stale);
   $("service-count").textContent = filter
@@ -230,7 +230,8 @@ function renderRejected(rejected) {
 function renderLog(log) {
   $("log").replaceChildren(...log.map((entry) => {
     const item = el("li");
-    item.append(el("span", `revision ${entry.revision}${entry.full ? " (everything)" : ""}: `, "rev"));
+    const health = entry.health_seq ? `.${entry.health_seq}` : "";
+    item.append(el("span", `revision ${entry.revision}${health}${entry.full ? " (everything)" : ""}: `, "rev"));
     item.append(el("span", entry.what.length ? entry.what.join("; ") : "no services"));
     return item;
   }));
