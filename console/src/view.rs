@@ -219,6 +219,23 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_failing_its_health_checks_takes_no_picks() {
+        let mut tables = tables_with(&[5, 1, 1]);
+        let service = tables.services.get_mut("demo.Echo").expect("held");
+        service.endpoints[2].health = Some(etcd_mesh_wire::Health::Unhealthy);
+        let picks = picks(&tables, "demo.Echo", 0).expect("known");
+        assert!(
+            !picks.letters.iter().any(|l| l == "c"),
+            "{:?}",
+            picks.letters
+        );
+        assert_eq!(
+            view(&tables, "").services[0].endpoints[2].health,
+            "unhealthy"
+        );
+    }
+
+    #[test]
     fn caps_a_long_preview_and_shows_no_picks_when_all_drain() {
         let tables = tables_with(&[10_000, 10_000]);
         let picks = picks(&tables, "demo.Echo", 0).expect("known");
