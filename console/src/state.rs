@@ -6,7 +6,7 @@
 //! or epoch, a digest that disagrees) is refused whole and the held tables
 //! are dropped, so the next poll asks for everything.
 
-use etcd_mesh_wire::{Changes, Digest, Service};
+use etcd_mesh_wire::{Changes, Digest, Health, Service};
 use std::collections::{BTreeMap, VecDeque};
 
 /// How many answers the change log keeps.
@@ -187,10 +187,27 @@ fn describe(name: &str, service: &Service) -> String {
         .iter()
         .map(|e| e.weight.to_string())
         .collect();
-    match service.endpoints.len() {
-        1 => format!("{name}: 1 endpoint (weight {})", weights.join(",")),
-        n => format!("{name}: {n} endpoints (weights {})", weights.join(",")),
-    }
+    let (weights, s) = (weights.join(","), if weights.len() == 1 { "" } else { "s" });
+    // Health counts in a fixed order, only those present.
+    let health: Vec<String> = [Health::Healthy, Health::Unhealthy, Health::NotServing]
+        .into_iter()
+        .filter_map(|h| {
+            let n = service
+                .endpoints
+                .iter()
+                .filter(|e| e.health == Some(h))
+                .count();
+            (n > 0).then(|| format!("{n} {}", h.name()))
+        })
+        .collect();
+    let health = if health.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", health.join(", "))
+    };
+    let n = service.endpoints.len();
+    let endpoints = if n == 1 { "endpoint" } else { "endpoints" };
+    format!("{name}: {n} {endpoints} (weight{s} {weights}{health})")
 }
 
 /// Percent-encodes everything but unreserved characters, for a query value.
@@ -360,7 +377,8 @@ mod tests {
             services: changed,
             ..Changes::default()
         };
-        tables.apply_body(&delta.encode()).expect("health delta");
+        let entry = tables.apply_body(&delta.encode()).expect("health delta");
+        assert_eq!(entry.what, ["a: 2 endpoints (weights 1,1; 1 unhealthy)"]);
         assert_eq!(tables.query(), "since=10&health_seq=1&epoch=e1");
         // The same position again from a replica is no news, an older one is refused.
         let older = Changes {

@@ -230,7 +230,7 @@ function renderRejected(rejected) {
 function renderLog(log) {
   $("log").replaceChildren(...log.map((entry) => {
     const item = el("li");
-    const health = entry.health_seq ? `.${entry.health_seq}` : "";
+    const health = entry.health_seq ? `, health change ${entry.health_seq}` : "";
     item.append(el("span", `revision ${entry.revision}${health}${entry.full ? " (everything)" : ""}: `, "rev"));
     item.append(el("span", entry.what.length ? entry.what.join("; ") : "no services"));
     return item;

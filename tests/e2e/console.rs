@@ -1,9 +1,10 @@
 //! The console in a real browser: Debian's chromium, headless, driven by
 //! its chromedriver over WebDriver, against a real etcd and sync-server
-//! (with a bearer token) on free loopback ports. The page asks for the
-//! token and shows nothing without it; then it lists the services, the
-//! pick strip of weights 5,1,1, the rejected key with its reason, and a
-//! put in etcd within a second, without a reload.
+//! (with a bearer token and health checks of live demo backends) on free
+//! loopback ports. The page asks for the token and shows nothing without
+//! it; then it lists the services, their health as the checks find it,
+//! the pick strip of weights 5,1,1, the rejected key with its reason, and
+//! a put in etcd within a second, without a reload.
 //!
 //! It fails, never skips, when chromium or chromedriver is missing
 //! (scripts/setup.sh installs them), and when sync-server was built without
@@ -72,7 +73,7 @@ impl Driver {
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
                     format!("--user-data-dir={}", profile.display()),
-                    "--window-size=1280,1300",
+                    "--window-size=1280,1400",
                 ],
             }
         });
@@ -97,6 +98,21 @@ impl Drop for Driver {
     }
 }
 
+/// A live `demo.Echo` backend (with the gRPC health service) on a free port.
+async fn live_backend(stop: &CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr").to_string();
+    tokio::spawn(etcd_mesh_demo::backend::serve(listener, stop.clone()));
+    addr
+}
+
+/// An address nothing listens on: its health checks fail.
+fn dead_addr() -> String {
+    format!("127.0.0.1:{}", free_port().expect("free port"))
+}
+
 /// sync-server in this runtime, watching the demo prefix, with or without
 /// a bearer token.
 async fn start_sync_server(etcd: &Etcd, token: Option<&str>) -> (SocketAddr, CancellationToken) {
@@ -110,6 +126,18 @@ async fn start_sync_server(etcd: &Etcd, token: Option<&str>) -> (SocketAddr, Can
         vec![format!("etcd-naming={DEMO_PREFIX}").parse().expect("spec")],
     );
     config.token = token.map(str::to_owned);
+    // The guarded one also checks health, so the page shows it change.
+    if token.is_some() {
+        config.health = Some(sync_server::health::HealthConfig {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(150),
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+            max_concurrent: 16,
+            max_connections: 16,
+            check_name: sync_server::health::CheckName::Empty,
+        });
+    }
     tokio::spawn(sync_server::run(config, listener, stop.clone()));
     wait_ready(addr, DEADLINE).await.expect("sync-server ready");
     (addr, stop)
@@ -194,46 +222,26 @@ async fn the_console_follows_etcd_live_in_a_browser() {
     let mut kv = EtcdClient::connect([etcd.endpoint()], None)
         .await
         .expect("etcd client");
-    register(
-        &mut kv,
-        "demo.Echo",
-        "127.0.0.1:50051",
-        5,
-        r#""zone":"eu-west-1a","version":"1.4.2""#,
-    )
-    .await;
-    register(
-        &mut kv,
-        "demo.Echo",
-        "127.0.0.1:50052",
-        1,
-        r#""zone":"eu-west-1b""#,
-    )
-    .await;
-    register(
-        &mut kv,
-        "demo.Echo",
-        "127.0.0.1:50053",
-        1,
-        r#""zone":"eu-west-1c""#,
-    )
-    .await;
-    register(
-        &mut kv,
-        "demo.Inventory",
-        "127.0.0.1:50061",
-        3,
-        r#""zone":"eu-west-1a""#,
-    )
-    .await;
-    register(
-        &mut kv,
-        "demo.Inventory",
-        "127.0.0.1:50062",
-        0,
-        r#""zone":"eu-west-1b""#,
-    )
-    .await;
+    let backends = CancellationToken::new();
+    let _stop_backends = backends.clone().drop_guard();
+    let mut echo = [
+        live_backend(&backends).await,
+        live_backend(&backends).await,
+        live_backend(&backends).await,
+    ];
+    // sync-server lists endpoints by address: weight 5 goes to the first.
+    echo.sort();
+    let inventory = [live_backend(&backends).await, dead_addr(), dead_addr()];
+    let payments = live_backend(&backends).await;
+    let zones = ["eu-west-1a", "eu-west-1b", "eu-west-1c"];
+    for ((addr, weight), zone) in echo.iter().zip([5, 1, 1]).zip(zones) {
+        let meta = format!(r#""zone":"{zone}","version":"1.4.2""#);
+        register(&mut kv, "demo.Echo", addr, weight, &meta).await;
+    }
+    for ((addr, weight), zone) in inventory.iter().zip([3, 2, 0]).zip(zones) {
+        let meta = format!(r#""zone":"{zone}""#);
+        register(&mut kv, "demo.Inventory", addr, weight, &meta).await;
+    }
     kv.put(
         format!("{DEMO_PREFIX}demo.Broken/x"),
         r#"{"Op":0,"Addr":"not-an-address"}"#,
@@ -261,7 +269,12 @@ async fn the_console_follows_etcd_live_in_a_browser() {
     let client = driver.browser(&dir.path().join("profile")).await;
     // The checks run in their own task so that the browser session is
     // closed whatever they do; the process group goes with `driver`.
-    let checks = tokio::spawn(checks(client.clone(), sync, open_sync, kv));
+    let addrs = Addrs {
+        echo: echo.to_vec(),
+        dead: inventory[1].clone(),
+        payments,
+    };
+    let checks = tokio::spawn(checks(client.clone(), sync, open_sync, kv, addrs));
     let outcome = checks.await;
     let _ = client.close().await;
     drop(driver);
@@ -273,7 +286,23 @@ async fn the_console_follows_etcd_live_in_a_browser() {
     eprintln!("console browser test passed in {:?}", started.elapsed());
 }
 
-async fn checks(client: Client, sync: SocketAddr, open_sync: SocketAddr, mut kv: EtcdClient) {
+/// The endpoints the checks look at.
+struct Addrs {
+    /// demo.Echo's, live, weights 5, 1, 1.
+    echo: Vec<String>,
+    /// A demo.Inventory endpoint nothing listens on.
+    dead: String,
+    /// Put while the page is open, live.
+    payments: String,
+}
+
+async fn checks(
+    client: Client,
+    sync: SocketAddr,
+    open_sync: SocketAddr,
+    mut kv: EtcdClient,
+    addrs: Addrs,
+) {
     // `/ui` redirects to `/ui/`; with no token the page asks for one and
     // shows no data.
     client
@@ -341,6 +370,17 @@ async fn checks(client: Client, sync: SocketAddr, open_sync: SocketAddr, mut kv:
         .await
     );
 
+    // Health as the checks find it, arriving as deltas (health_seq).
+    let tag = |addr: &str, health: &str| format!(r#"tr[data-addr="{addr}"] .tag.{health}"#);
+    wait_displayed(&client, &tag(&addrs.dead, "unhealthy"), DEADLINE)
+        .await
+        .expect("the dead endpoint shows unhealthy");
+    for addr in &addrs.echo {
+        wait_displayed(&client, &tag(addr, "healthy"), DEADLINE)
+            .await
+            .expect("a live endpoint shows healthy");
+    }
+
     // The pick strip of weights 5,1,1 is the plugin's smooth sequence.
     let picks = text(
         &client,
@@ -376,7 +416,7 @@ async fn checks(client: Client, sync: SocketAddr, open_sync: SocketAddr, mut kv:
     register(
         &mut kv,
         "demo.Payments",
-        "127.0.0.1:50071",
+        &addrs.payments,
         2,
         r#""zone":"eu-west-1c""#,
     )
@@ -404,6 +444,9 @@ async fn checks(client: Client, sync: SocketAddr, open_sync: SocketAddr, mut kv:
         "{log}"
     );
 
+    wait_displayed(&client, &tag(&addrs.payments, "healthy"), DEADLINE)
+        .await
+        .expect("the new endpoint shows healthy");
     let png = client.screenshot().await.expect("screenshot");
     let path = screenshot_path();
     std::fs::write(&path, png).expect("save the screenshot");
