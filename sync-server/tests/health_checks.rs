@@ -49,21 +49,33 @@ struct Backend {
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
+/// Serves `routes` on `listener` until the token is cancelled.
+fn serve(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+) -> (
+    CancellationToken,
+    JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+    (stop, task)
+}
+
 impl Backend {
     /// Serving `""` (the reporter's default).
     async fn start() -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (reporter, service) = tonic_health::server::health_reporter();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener),
-                    stop.clone().cancelled_owned(),
-                ),
-        );
+        let (stop, task) = serve(listener, tonic::service::Routes::new(service));
         Backend {
             addr,
             reporter,
@@ -585,15 +597,7 @@ async fn a_restarted_backend_on_the_same_address_is_found_again() {
     // Same port, new server: a fresh connection finds it.
     let listener = TcpListener::bind(addr).await.expect("rebind the same port");
     let (_reporter, service) = tonic_health::server::health_reporter();
-    let stop = CancellationToken::new();
-    let restarted = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                stop.clone().cancelled_owned(),
-            ),
-    );
+    let (stop, restarted) = serve(listener, tonic::service::Routes::new(service));
     assert_eq!(checker.next().await.health, Health::Healthy);
 
     checker.stop().await;
@@ -649,15 +653,7 @@ async fn a_server_without_the_health_service_is_unhealthy() {
     // Every method answers UNIMPLEMENTED.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(tonic::service::Routes::default())
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                stop.clone().cancelled_owned(),
-            ),
-    );
+    let (stop, server) = serve(listener, tonic::service::Routes::default());
     let config = HealthConfig {
         unhealthy_threshold: 2,
         ..config()
