@@ -133,10 +133,18 @@ impl Etcd {
         }
     }
 
-    /// Starts etcd on free ports under `dir`.
+    /// Starts etcd on free ports under `dir`; on fresh ones if a port was
+    /// taken between the pick and etcd's bind.
     pub async fn start(dir: &Path) -> Result<Etcd, String> {
         let port = |_| free_port().map_err(|e| e.to_string());
-        Self::start_on(dir, port(0)?, port(1)?).await
+        let mut tries_left = 3;
+        loop {
+            tries_left -= 1;
+            match Self::start_on(dir, port(0)?, port(1)?).await {
+                Err(e) if tries_left > 0 && e.contains("address already in use") => continue,
+                started => return started,
+            }
+        }
     }
 
     /// Starts etcd on the given client and peer ports under `dir`.
@@ -173,6 +181,11 @@ impl Etcd {
     async fn launch(&mut self) -> Result<(), String> {
         self.spawn()?;
         self.wait_ready().await
+    }
+
+    /// Whether the process is gone (it failed to start, say).
+    fn exited(&mut self) -> bool {
+        self.proc.as_mut().is_none_or(Proc::exited)
     }
 
     fn spawn(&mut self) -> Result<(), String> {
@@ -218,23 +231,30 @@ impl Etcd {
         Ok(())
     }
 
-    async fn wait_ready(&self) -> Result<(), String> {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let addr = self.client;
         let tls = self.tls.is_some();
-        let ready = wait_for("etcd /health", Duration::from_secs(20), || async move {
+        let this = std::cell::RefCell::new(&mut *self);
+        let ready = wait_for("etcd /health", Duration::from_secs(20), || async {
+            // A member that exited (a port taken, say) will not come up:
+            // say so now rather than at the deadline.
+            if this.borrow_mut().exited() {
+                return Some(Err("etcd exited".to_owned()));
+            }
             if tls {
                 // Plain HTTP cannot ask a TLS etcd; an open port will do,
                 // and the client's own retries cover the rest.
                 return TcpStream::connect_timeout(&addr, Duration::from_millis(200))
                     .ok()
-                    .map(drop);
+                    .map(|_| Ok(()));
             }
             match http_get(addr, "/health").await {
-                Ok((200, body)) if body.contains("true") => Some(()),
+                Ok((200, body)) if body.contains("true") => Some(Ok(())),
                 _ => None,
             }
         })
-        .await;
+        .await
+        .and_then(|ready| ready.map(drop));
         ready.map_err(|e| format!("{e}\n{}", self.log_tail()))
     }
 
@@ -276,7 +296,7 @@ impl EtcdCluster {
             member.cluster = Some(cluster.clone());
             member.spawn()?;
         }
-        for member in &members {
+        for member in &mut members {
             member.wait_ready().await?;
         }
         Ok(EtcdCluster { members })

@@ -25,9 +25,44 @@ use std::io;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-/// A loopback port nobody listens on right now, as the OS hands them out.
+/// A loopback port nobody listens on right now, for a process to bind.
+///
+/// Picked at random below the kernel's ephemeral range: outgoing
+/// connections (health checks, gRPC clients, Envoy's upstreams) take their
+/// local ports from that range, so one could take a port handed out by
+/// `bind(0)` before the process that was meant to bind it does.
 pub fn free_port() -> io::Result<u16> {
+    const FLOOR: u16 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > FLOOR + 1_000 {
+        let span = u64::from(ephemeral_low - FLOOR);
+        for _ in 0..64 {
+            let port = FLOOR + u16::try_from(random() % span).unwrap_or(0);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A different number each call (time, process and a counter, mixed):
+/// enough to spread concurrent tests over the port range.
+fn random() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Fails with a message naming `what` if `127.0.0.1:port` is taken.
