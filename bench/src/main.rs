@@ -83,9 +83,8 @@ struct Cli {
     /// Run only the health-check section and keep the other figures.
     #[arg(long, conflicts_with_all = ["scale_only", "cost_only"])]
     health_only: bool,
-    /// Measure nothing: write RESULTS.md anew from results.json and
-    /// before.json (after a partial run, to set `before` to the last full
-    /// run's figures).
+    /// Measure nothing: write RESULTS.md anew from results.json (its
+    /// figures and the *before* each section keeps).
     #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only"])]
     report_only: bool,
     /// Where the results go.
@@ -101,11 +100,10 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
     if cli.report_only {
-        let before: serde_json::Value = std::fs::read(cli.out.join("before.json"))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
-        std::fs::write(cli.out.join("RESULTS.md"), report::markdown(&last, &before))?;
+        std::fs::write(
+            cli.out.join("RESULTS.md"),
+            report::markdown(&last, &last["before"]),
+        )?;
         return Ok(());
     }
     let cost_options = cost::CostOptions {
@@ -163,37 +161,51 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
     };
-    // A partial run says which sections it measured and where the others
-    // come from, so the report does not pass them off as this run's.
+    // Each section says when it was measured, and keeps its own *before*:
+    // the last committed figures when measured now, the ones it was shown
+    // with when kept from an earlier run.
+    let environment = report::environment();
+    let before_file: serde_json::Value = std::fs::read(cli.out.join("before.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
     let partial = cli.cost_only || cli.scale_only || cli.health_only;
-    let rerun = match (cli.cost_only, cli.scale_only, cli.health_only) {
-        (true, _, _) => "cost",
-        (_, true, _) => "scale",
-        (_, _, true) => "health",
-        _ => "all",
-    };
-    let kept_from = if partial {
-        last.get("kept_from")
-            .cloned()
-            .unwrap_or_else(|| last["environment"]["date"].clone())
-    } else {
-        serde_json::Value::Null
-    };
+    let measured_now = [
+        ("cost", !cli.scale_only && !cli.health_only),
+        ("propagation", !partial),
+        ("split", !partial),
+        ("scale", !cli.cost_only && !cli.health_only),
+        ("health", !cli.cost_only && !cli.scale_only),
+    ];
+    let mut measured = serde_json::Map::new();
+    let mut before = serde_json::Map::new();
+    for (section, now) in measured_now {
+        let (date, figures) = if now {
+            (environment["date"].clone(), before_file[section].clone())
+        } else {
+            let date = match &last["measured"][section] {
+                serde_json::Value::Null => last["environment"]["date"].clone(),
+                date => date.clone(),
+            };
+            let figures = match last.get("before") {
+                Some(kept) => kept[section].clone(),
+                None => before_file[section].clone(),
+            };
+            (date, figures)
+        };
+        measured.insert(section.into(), date);
+        before.insert(section.into(), figures);
+    }
     let results = json!({
-        "rerun": rerun,
-        "kept_from": kept_from,
-        "environment": report::environment(),
+        "environment": environment,
+        "measured": measured,
+        "before": before,
         "cost": cost,
         "propagation": propagation,
         "split": split,
         "scale": scale,
         "health": health,
     });
-    // The figures of the run before, shown beside these in RESULTS.md.
-    let before: serde_json::Value = std::fs::read(cli.out.join("before.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
     std::fs::create_dir_all(&cli.out)?;
     std::fs::write(
         cli.out.join("results.json"),
@@ -201,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
     )?;
     std::fs::write(
         cli.out.join("RESULTS.md"),
-        report::markdown(&results, &before),
+        report::markdown(&results, &results["before"]),
     )?;
     eprintln!("wrote {}", cli.out.join("RESULTS.md").display());
     Ok(())

@@ -52,11 +52,19 @@ pub fn markdown(r: &Value, b: &Value) -> String {
         env["rustc"].as_str().unwrap_or("?"),
         env["h2load"].as_str().unwrap_or("?"),
     );
-    if let Some(kept) = r["kept_from"].as_str() {
+    // Sections rerun alone (`--cost-only`, ...) keep the others' figures.
+    let dates: Vec<(&String, &str)> = r["measured"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(section, date)| Some((section, date.as_str()?)))
+        .collect();
+    if dates.iter().any(|(_, d)| Some(*d) != env["date"].as_str()) {
+        let when: Vec<String> = dates.iter().map(|(s, d)| format!("{s} {d}")).collect();
         md += &format!(
-            "This run measured the {} section only; the other sections are kept from the run of {kept}, \
-             and their *before* figures are that run's.\n\n",
-            r["rerun"].as_str().unwrap_or("?")
+            "Sections were measured at different times (the environment above is the last \
+             run's): {}. Each section's *before* is the committed figures it was first shown with.\n\n",
+            when.join(", ")
         );
     }
     let cost = &r["cost"];
