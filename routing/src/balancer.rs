@@ -37,16 +37,6 @@ struct Member {
     serving_since_ms: Option<u64>,
 }
 
-/// Why an endpoint takes no calls now, or that it does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Standing {
-    Takes,
-    Draining,
-    FailsChecks,
-    Ejected,
-    OtherZone,
-}
-
 /// One service's picker on one worker.
 #[derive(Debug, Clone, Default)]
 pub struct Balancer {
@@ -138,35 +128,6 @@ impl Balancer {
     /// Whether calls stay in the local zone now.
     pub fn zone_local(&self) -> bool {
         self.zone_local
-    }
-
-    /// Each endpoint's effective weight (registered × [`SCALE`] ×
-    /// slow-start factor; 0 when it takes no calls) and standing.
-    pub fn shares(&self, policy: &Policy, now_ms: u64) -> Vec<(&str, u64, Standing)> {
-        let (admitted, _, _) = self.admitted(&policy.zone_routing);
-        self.members
-            .iter()
-            .zip(admitted)
-            .map(|(m, admitted)| {
-                let standing = if m.weight == 0 {
-                    Standing::Draining
-                } else if admitted {
-                    Standing::Takes
-                } else if !m.checks_pass {
-                    Standing::FailsChecks
-                } else if m.ejected {
-                    Standing::Ejected
-                } else {
-                    Standing::OtherZone
-                };
-                let weight = if admitted {
-                    effective(m, policy.slow_start.as_ref(), now_ms)
-                } else {
-                    0
-                };
-                (m.addr.as_str(), weight, standing)
-            })
-            .collect()
     }
 
     fn set_members(&mut self, service: &Service, policy: &Policy) {
@@ -559,7 +520,5 @@ mod tests {
         let mut b = Balancer::new(&s, &Policy::default(), 0);
         assert!(!b.step(&Policy::default(), 0));
         assert_eq!(counts(&mut b, 10)["c"], 5);
-        let shares = b.shares(&Policy::default(), 0);
-        assert_eq!(shares[1], ("c", SCALE, Standing::Takes));
     }
 }

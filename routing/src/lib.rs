@@ -12,7 +12,7 @@ pub mod policy;
 pub mod rng;
 pub mod wrr;
 
-pub use balancer::{Balancer, Standing};
+pub use balancer::Balancer;
 pub use policy::{Policy, SlowStart, ZoneRouting};
 
 use etcd_mesh_wire::Service;
