@@ -10,6 +10,12 @@
 //! answers ([`EtcdOptions::connect`]). Connecting checks that the member
 //! answers (and, with a user, that it accepts the password), within
 //! [`EtcdOptions::connect_timeout`].
+//!
+//! Each process starts at a random member ([`EtcdOptions::first_member`]):
+//! when every process started at the first one, they all lost it together.
+//! Every request and watch requires a leader: a member cut from the
+//! majority then refuses them ("no leader") instead of answering from its
+//! frozen copy, and cancels watches it can no longer feed.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +37,9 @@ pub struct EtcdOptions {
     pub tls: Option<EtcdTls>,
     /// etcd authentication (user, password).
     pub user: Option<(String, String)>,
+    /// The member turn 0 goes to: random per process, so that processes
+    /// do not all lean on the first member listed.
+    pub first_member: usize,
 }
 
 /// PEM material for TLS to etcd.
@@ -61,6 +70,7 @@ impl std::fmt::Debug for EtcdOptions {
             .field("request_timeout", &self.request_timeout)
             .field("tls", &self.tls)
             .field("user", &self.user.as_ref().map(|(user, _)| user))
+            .field("first_member", &self.first_member)
             .finish()
     }
 }
@@ -119,6 +129,7 @@ impl EtcdOptions {
             request_timeout: Duration::from_secs(5),
             tls: None,
             user: None,
+            first_member: (random_fraction() * 1024.0) as usize,
         }
     }
 
@@ -138,15 +149,22 @@ impl EtcdOptions {
             .collect()
     }
 
-    /// A client for member `turn % endpoints.len()` alone, once it has
-    /// answered (within `connect_timeout`).
-    pub async fn connect_member(&self, turn: usize) -> Result<Client, ConnectError> {
+    /// The URL of the member that `turn` goes to: turns walk the members
+    /// in order, from [`EtcdOptions::first_member`].
+    pub fn member_url(&self, turn: usize) -> Option<String> {
         let urls = self.urls();
-        let Some(url) = urls.get(turn % urls.len().max(1)) else {
+        let index = self.first_member.wrapping_add(turn) % urls.len().max(1);
+        urls.into_iter().nth(index)
+    }
+
+    /// A client for the member of `turn` ([`EtcdOptions::member_url`])
+    /// alone, once it has answered (within `connect_timeout`).
+    pub async fn connect_member(&self, turn: usize) -> Result<Client, ConnectError> {
+        let Some(url) = self.member_url(turn) else {
             return Err(ConnectError::NoEndpoints);
         };
         let attempt = async {
-            let mut client = Client::connect([url], Some(self.connect_options())).await?;
+            let mut client = Client::connect([&url], Some(self.connect_options())).await?;
             // Connecting is lazy without a user: ask something to know the
             // member is there.
             client.status().await?;
@@ -165,7 +183,7 @@ impl EtcdOptions {
         }
     }
 
-    /// A client for the first member, in order, that answers.
+    /// A client for the first member, in turn order, that answers.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         if self.endpoints.is_empty() {
             return Err(ConnectError::NoEndpoints);
@@ -188,7 +206,10 @@ impl EtcdOptions {
             .with_connect_timeout(self.connect_timeout)
             // HTTP/2 pings find a dead member even when nothing is sent.
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member without a leader refuses rather than serving (and
+            // watching) a copy that no longer moves.
+            .with_require_leader(true);
         if let Some(tls) = &self.tls {
             let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
             if let Some((cert, key)) = &tls.identity {
@@ -271,6 +292,20 @@ mod tests {
             domain: None,
         });
         assert_eq!(options.urls(), ["https://10.0.0.1:2379", "http://h:1"]);
+    }
+
+    #[test]
+    fn turns_walk_every_member_from_a_random_first_one() {
+        let members: Vec<String> = (0..3).map(|i| format!("h{i}:1")).collect();
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let options = EtcdOptions::new(members.clone());
+            let turns: std::collections::BTreeSet<String> =
+                (0..3).filter_map(|t| options.member_url(t)).collect();
+            assert_eq!(turns.len(), 3, "three turns reach three members");
+            firsts.extend(options.member_url(0));
+        }
+        assert_eq!(firsts.len(), 3, "processes start at every member");
     }
 
     #[test]
