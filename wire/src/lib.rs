@@ -231,8 +231,16 @@ pub struct Changes {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub since_health_seq: u64,
     /// Names the etcd cluster and watch configuration the revisions belong
-    /// to; revisions of different epochs cannot be compared.
+    /// to; revisions of different epochs cannot be compared. Every replica
+    /// of sync-server over the same cluster and `--watch` flags has the
+    /// same epoch, and the same content at the same revision.
     pub epoch: String,
+    /// Names the sync-server process whose observations (health checks,
+    /// `serving_since_ms`) the answer carries; sent back as `observer`.
+    /// Those differ between replicas, so a client that moves to another
+    /// replica takes one full answer; empty from older servers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub observer: String,
     #[serde(default)]
     pub full: bool,
     #[serde(default)]
@@ -279,6 +287,35 @@ impl Changes {
             ));
         }
         Ok(())
+    }
+}
+
+/// What `GET /v1/status` answers: where one sync-server stands, in a few
+/// bytes, so that a client can choose between replicas without taking
+/// their tables.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// See [`Changes::epoch`]; empty before the first listing.
+    pub epoch: String,
+    /// See [`Changes::observer`].
+    pub observer: String,
+    pub revision: u64,
+    #[serde(default)]
+    pub health_seq: u64,
+    /// True when the server cannot show that its tables are current (no
+    /// contact with the etcd majority within its freshness timeout).
+    pub stale: bool,
+    /// False until the first full listing from etcd.
+    pub ready: bool,
+}
+
+impl Status {
+    pub fn decode(body: &[u8]) -> Result<Status, DecodeError> {
+        serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
     }
 }
 
