@@ -2,8 +2,17 @@
 //! from the next revision, so that no change between the two is lost.
 //!
 //! Any failure (etcd away, the watch cancelled by a compaction, the stream
-//! closed) ends the round: the last snapshot is marked stale and served on,
-//! and the next round lists afresh after a jittered, growing pause.
+//! closed, a member that lost its leader or stopped answering) ends the
+//! round, and the next round lists afresh from the next member after a
+//! jittered, growing pause.
+//!
+//! Freshness is proven, not assumed: a member cut from the majority still
+//! answers pings and keeps a watch open that never moves again. So every
+//! request requires a leader, and while watching, a quorum read every
+//! second proves that the member still hears the majority; one not
+//! answered within its deadline ends the round. With no proof for
+//! `freshness_timeout`, what is served is marked stale (a log line and the
+//! metrics say since when); the next proof marks it fresh again.
 
 use crate::format::WatchSpec;
 use crate::metrics::Metrics;
@@ -38,11 +47,49 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
-/// Keeps `publisher` in step with etcd until `shutdown`, listing in pages
-/// of `page_size` keys.
+/// The default of `--freshness-timeout`.
+pub const DEFAULT_FRESHNESS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the watched member is asked for a quorum read.
+const PROOF_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A key no registration uses: reading it is a quorum read that touches
+/// nothing (a count over a large prefix would cost O(keys)).
+const PROOF_KEY: &[u8] = b"\0etcd-mesh/freshness";
+
+/// How sync-server talks to etcd: where, how pages are listed, and how
+/// long tables may go without proof that they are current.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    pub etcd: EtcdOptions,
+    /// Keys per listing request.
+    pub page_size: i64,
+    /// No proof of contact with the etcd majority for this long: stale.
+    pub freshness_timeout: Duration,
+}
+
+impl SyncOptions {
+    pub fn new(etcd: EtcdOptions) -> Self {
+        SyncOptions {
+            etcd,
+            page_size: LIST_PAGE_SIZE,
+            freshness_timeout: DEFAULT_FRESHNESS_TIMEOUT,
+        }
+    }
+
+    /// How long one quorum read may take before the member counts as lost:
+    /// well inside the freshness timeout, so that the next member can be
+    /// listed before the tables turn stale.
+    fn proof_deadline(&self) -> Duration {
+        (self.freshness_timeout / 4)
+            .min(self.etcd.request_timeout)
+            .max(Duration::from_millis(200))
+    }
+}
+
+/// Keeps `publisher` in step with etcd until `shutdown`.
 pub async fn sync(
-    options: EtcdOptions,
-    page_size: i64,
+    options: SyncOptions,
     registry: Arc<Mutex<Registry>>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
@@ -50,10 +97,15 @@ pub async fn sync(
 ) {
     let mut retry = Backoff::new(FIRST_RETRY, MAX_RETRY);
     let specs = lock(&registry).specs().to_vec();
+    let _watchdog = AbortOnDrop(tokio::spawn(mark_stale_without_proof(
+        publisher.clone(),
+        Arc::clone(&metrics),
+        options.freshness_timeout,
+    )));
     let mut sync = SyncRound {
         registry: &registry,
         specs: &specs,
-        process: process_tag(),
+        restored: String::new(),
         publisher: &publisher,
         metrics: &metrics,
         listed: false,
@@ -64,17 +116,81 @@ pub async fn sync(
         }
         let round = tokio::select! {
             _ = shutdown.cancelled() => return,
-            round = sync.round(&options, page_size, round_number as usize, &mut retry) => round,
+            round = sync.round(&options, round_number as usize, &mut retry) => round,
         };
         metrics.etcd_connected.store(0, Ordering::Relaxed);
         if let Err(e) = round {
-            publisher.set_stale(true);
             let pause = retry.next();
-            warn!(error = %e, ?pause, "etcd sync interrupted; serving the last snapshot as stale");
+            warn!(error = %e, ?pause, "etcd sync interrupted; trying the next member");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
+        }
+    }
+}
+
+/// Marks what is served stale once no proof of contact with the etcd
+/// majority is younger than `timeout` (fresh again comes with the next
+/// proof, in the round).
+async fn mark_stale_without_proof(publisher: Publisher, metrics: Arc<Metrics>, timeout: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100).min(timeout / 4));
+    loop {
+        tick.tick().await;
+        let Some(current) = publisher.current() else {
+            continue;
+        };
+        let age = metrics.proof_age();
+        if !current.stale && age.is_none_or(|age| age > timeout) {
+            warn!(
+                ?age,
+                ?timeout,
+                "no proof of contact with the etcd majority; serving the last tables as stale"
+            );
+            publisher.set_stale(true);
+        }
+    }
+}
+
+/// Aborts a background task when the owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Records a proof of contact with the majority; fresh again if stale.
+fn proved(metrics: &Metrics, publisher: &Publisher) {
+    metrics.proved();
+    if publisher
+        .current()
+        .is_some_and(|c| c.stale && !c.epoch.is_empty())
+    {
+        info!("contact with the etcd majority proven again; the tables are fresh");
+        publisher.set_stale(false);
+    }
+}
+
+/// Asks the member for a quorum read every [`PROOF_INTERVAL`]; returns
+/// why the member cannot prove contact with the majority once one fails
+/// or is not answered within `deadline`.
+async fn prove_contact(
+    mut client: etcd_client::Client,
+    deadline: Duration,
+    metrics: &Metrics,
+    publisher: &Publisher,
+) -> RoundError {
+    let mut tick = tokio::time::interval(PROOF_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(deadline, client.get(PROOF_KEY, None)).await {
+            Ok(Ok(_)) => proved(metrics, publisher),
+            Ok(Err(e)) => return RoundError::NoQuorum(e.to_string()),
+            Err(_) => return RoundError::NoQuorum(format!("a quorum read took over {deadline:?}")),
         }
     }
 }
@@ -91,6 +207,8 @@ enum RoundError {
     Cancelled(String),
     #[error("the watch stream closed")]
     Closed,
+    #[error("the member cannot prove contact with the etcd majority: {0}")]
+    NoQuorum(String),
 }
 
 /// The state one sync round works on.
@@ -99,8 +217,9 @@ struct SyncRound<'a> {
     /// between revisions; held only between awaits.
     registry: &'a Mutex<Registry>,
     specs: &'a [WatchSpec],
-    /// Names this process in the epoch (see [`process_tag`]).
-    process: String,
+    /// Added to the epoch once etcd's revision went back (a restored
+    /// backup): the same revisions now name other content.
+    restored: String,
     publisher: &'a Publisher,
     metrics: &'a Metrics,
     /// Whether this process has listed etcd before: its first listing
@@ -127,13 +246,16 @@ impl SyncRound<'_> {
         let revision = registry.revision();
         match self.publisher.current() {
             Some(current) if self.listed && *current.epoch == *epoch => {
+                let commit = registry.commit();
                 if revision > current.revision {
-                    let commit = registry.commit();
                     self.publisher
                         .publish_change(revision, commit, registry.tables().clone());
-                } else {
-                    // Back in touch with etcd: what is served is current.
-                    self.publisher.set_stale(false);
+                } else if !commit.services.is_empty() || !commit.rejections.is_empty() {
+                    // A re-listing at the revision served: the registrations
+                    // are the same, so what differs is health observed
+                    // meanwhile, published as such.
+                    self.publisher
+                        .publish_health(commit, registry.tables().clone());
                 }
             }
             _ => {
@@ -147,15 +269,15 @@ impl SyncRound<'_> {
 
     async fn round(
         &mut self,
-        options: &EtcdOptions,
-        page_size: i64,
+        options: &SyncOptions,
         turn: usize,
         retry: &mut Backoff,
     ) -> Result<(), RoundError> {
-        let timeout = options.request_timeout;
+        let timeout = options.etcd.request_timeout;
+        let page_size = options.page_size;
         // One member per round, the next after a failure: a client over
         // all members keeps sending to a dead one.
-        let mut client = options.connect_member(turn).await?;
+        let mut client = options.etcd.connect_member(turn).await?;
 
         // List every prefix, page by page, at the revision of the first
         // page: one response for a large registry would pass the client's
@@ -193,7 +315,26 @@ impl SyncRound<'_> {
                 }
             }
         }
-        let epoch = format!("{}-{}", epoch(cluster, self.specs), self.process);
+        // A linearizable listing is a proof of contact with the majority,
+        // and reflects every revision committed before it: one older than
+        // what was served means etcd's history went back.
+        proved(self.metrics, self.publisher);
+        let base = epoch(cluster, self.specs);
+        let revision_now = u64::try_from(revision).unwrap_or(0);
+        if let Some(current) = self.publisher.current().filter(|c| {
+            self.listed && c.epoch.starts_with(base.as_str()) && revision_now < c.revision
+        }) {
+            self.metrics
+                .etcd_restores_total
+                .fetch_add(1, Ordering::Relaxed);
+            self.restored = format!("-restored{revision_now}");
+            tracing::error!(
+                served = current.revision,
+                listed = revision_now,
+                "etcd's revision went back (a restored backup?): publishing the restored registry under a new epoch"
+            );
+        }
+        let epoch = format!("{base}{}", self.restored);
         {
             let mut registry = lock(self.registry);
             registry.reset(u64::try_from(revision).unwrap_or(0));
@@ -221,7 +362,19 @@ impl SyncRound<'_> {
             .with_start_revision(revision + 1);
         let mut stream = client.watch(start, Some(watch)).await?;
         self.metrics.etcd_connected.store(1, Ordering::Relaxed);
-        while let Some(response) = stream.message().await? {
+        let proof = prove_contact(
+            client.clone(),
+            options.proof_deadline(),
+            self.metrics,
+            self.publisher,
+        );
+        let mut proof = std::pin::pin!(proof);
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message?,
+                lost = &mut proof => return Err(lost),
+            };
+            let Some(response) = message else { break };
             if response.canceled() {
                 let reason = match response.compact_revision() {
                     0 => response.cancel_reason().to_owned(),
@@ -267,19 +420,6 @@ pub fn epoch(cluster_id: u64, specs: &[WatchSpec]) -> String {
             (h ^ u64::from(b)).wrapping_mul(PRIME)
         });
     format!("{cluster_id:016x}-{:08x}", hash as u32)
-}
-
-/// Names this process: what it serves carries its own observations
-/// (arrival times, health), so a client that moves to another replica, or
-/// to this one restarted, must take everything afresh rather than a delta.
-pub fn process_tag() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mixed =
-        etcd_mesh_routing::rng::SplitMix64::new(nanos ^ u64::from(std::process::id()) << 32)
-            .next_u64();
-    format!("{:08x}", mixed as u32)
 }
 
 /// The registry, even if a panic poisoned its lock (its state is

@@ -54,6 +54,7 @@ pub fn app(state: AppState) -> Router {
     let guarded = Router::new()
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/changes", get(changes))
+        .route("/v1/status", get(status))
         .route("/v1/services/{name}", get(service))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -170,6 +171,8 @@ pub struct SnapshotQuery {
     pub wait: Duration,
     /// `/v1/changes` only: the epoch of `since`.
     pub epoch: Option<String>,
+    /// `/v1/changes` only: the observer whose view the client holds.
+    pub observer: Option<String>,
     /// `/v1/changes` only: the services wanted (comma-separated names).
     pub services: Option<BTreeSet<String>>,
 }
@@ -201,6 +204,7 @@ impl SnapshotQuery {
                 "health_seq" => parsed.health_seq = Some(number()?),
                 "wait" => parsed.wait = Duration::from_secs(number()?).min(MAX_WAIT),
                 "epoch" if changes => parsed.epoch = Some(value),
+                "observer" if changes => parsed.observer = Some(value),
                 "services" if changes => {
                     let names: BTreeSet<String> = value
                         .split(',')
@@ -288,6 +292,7 @@ async fn changes(
             .since
             .map(|s| Position::of_client(s, query.health_seq)),
         epoch: query.epoch,
+        observer: query.observer,
         scope: query.services.map(Arc::new),
     };
     let respond = |current: &Published, answer: Option<Arc<Answer>>| match answer {
@@ -387,6 +392,26 @@ async fn service(
     Ok(response)
 }
 
+/// Where this replica stands, in a few bytes: what a client compares to
+/// choose a replica without taking its tables.
+async fn status(State(state): State<AppState>) -> Response {
+    let current = state.publisher.current();
+    let status = etcd_mesh_wire::Status {
+        epoch: current
+            .as_ref()
+            .map(|c| c.epoch.to_string())
+            .unwrap_or_default(),
+        observer: state.publisher.observer().to_owned(),
+        revision: current.as_ref().map_or(0, |c| c.revision),
+        health_seq: current.as_ref().map_or(0, |c| c.health_seq),
+        stale: current.as_ref().is_none_or(|c| c.stale),
+        ready: state.publisher.synced(),
+    };
+    let mut response = Response::new(Body::from(status.encode()));
+    set_headers(&mut response, None);
+    response
+}
+
 /// Ready once etcd has been listed in full; stays ready while etcd is away
 /// (the last snapshot is served, marked stale).
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
@@ -420,9 +445,11 @@ mod tests {
                 ..SnapshotQuery::default()
             })
         );
-        let changes = SnapshotQuery::parse_changes(Some("since=5&epoch=a-b&services=x.Y%2Cz,w"))
-            .expect("valid");
+        let changes =
+            SnapshotQuery::parse_changes(Some("since=5&epoch=a-b&observer=o1&services=x.Y%2Cz,w"))
+                .expect("valid");
         assert_eq!(changes.epoch.as_deref(), Some("a-b"));
+        assert_eq!(changes.observer.as_deref(), Some("o1"));
         assert_eq!(
             changes
                 .services

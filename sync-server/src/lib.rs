@@ -2,7 +2,8 @@
 //! versioned endpoint snapshots over HTTP.
 //!
 //! - [`format`] and [`registry`]: pure parsing and snapshot building;
-//! - [`etcd`]: list + watch, reconnecting, marking the snapshot stale;
+//! - [`etcd`]: list + watch, reconnecting, proving freshness (stale
+//!   without proof of contact with the etcd majority);
 //! - [`publish`]: the snapshot being served and the long-poll signal;
 //! - [`health`] and [`observe`]: active gRPC health checks (when on),
 //!   their results put into what is served;
@@ -50,6 +51,9 @@ pub struct Config {
     pub max_long_polls: usize,
     /// Keys per etcd listing request.
     pub list_page_size: i64,
+    /// No proof of contact with the etcd majority for this long: what is
+    /// served is marked stale.
+    pub freshness_timeout: Duration,
     /// Active health checks of every endpoint; off when `None`.
     pub health: Option<health::HealthConfig>,
     /// Serve the console from this directory instead of the embedded files.
@@ -66,6 +70,7 @@ impl Config {
             history: HistoryLimits::default(),
             max_long_polls: http::DEFAULT_MAX_LONG_POLLS,
             list_page_size: etcd::LIST_PAGE_SIZE,
+            freshness_timeout: etcd::DEFAULT_FRESHNESS_TIMEOUT,
             health: None,
             ui_dir: None,
         }
@@ -120,9 +125,13 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let sync_options = etcd::SyncOptions {
+        etcd: config.etcd,
+        page_size: config.list_page_size,
+        freshness_timeout: config.freshness_timeout,
+    };
     let mut sync = tokio::spawn(etcd::sync(
-        config.etcd,
-        config.list_page_size,
+        sync_options,
         registry,
         publisher.clone(),
         Arc::clone(&state.metrics),

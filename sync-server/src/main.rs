@@ -139,6 +139,20 @@ struct Cli {
     /// embedded at build time.
     #[arg(long, env = "SYNC_SERVER_UI_DIR")]
     ui_dir: Option<PathBuf>,
+
+    /// How long connecting to one etcd member may take (TCP, TLS, auth,
+    /// a first answer); then the next member is tried.
+    #[arg(long, env = "SYNC_SERVER_CONNECT_TIMEOUT", default_value = "2s", value_parser = duration)]
+    connect_timeout: Duration,
+
+    /// The deadline of each etcd request (a listing page).
+    #[arg(long, env = "SYNC_SERVER_REQUEST_TIMEOUT", default_value = "5s", value_parser = duration)]
+    request_timeout: Duration,
+
+    /// With no proof of contact with the etcd majority (a quorum read
+    /// answered) for this long, what is served is marked `"stale": true`.
+    #[arg(long, env = "SYNC_SERVER_FRESHNESS_TIMEOUT", default_value = "5s", value_parser = duration)]
+    freshness_timeout: Duration,
 }
 
 /// `500ms`, `2s` or `1m`.
@@ -194,6 +208,8 @@ fn read_secret(path: &Path, what: &str) -> anyhow::Result<String> {
 impl Cli {
     fn config(self) -> anyhow::Result<sync_server::Config> {
         let mut etcd = EtcdOptions::new(self.etcd);
+        etcd.connect_timeout = self.connect_timeout;
+        etcd.request_timeout = self.request_timeout;
         if let Some(ca) = &self.etcd_ca {
             let identity = match (&self.etcd_cert, &self.etcd_key) {
                 (Some(cert), Some(key)) => Some((
@@ -218,6 +234,7 @@ impl Cli {
             bytes: self.history_bytes,
         };
         config.max_long_polls = self.max_long_polls;
+        config.freshness_timeout = self.freshness_timeout;
         if self.health_checks {
             config.health = Some(HealthConfig {
                 interval: self.health_interval,

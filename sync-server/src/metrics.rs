@@ -5,6 +5,7 @@
 //! disagree with what `/v1/snapshot` serves.
 
 use crate::publish::Publisher;
+use crate::registry::unix_ms;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,11 @@ pub struct Metrics {
     pub sync_restarts: AtomicU64,
     /// 1 while the watch on etcd is established.
     pub etcd_connected: AtomicU64,
+    /// When this process last proved contact with the etcd majority (a
+    /// listing or a quorum read answered), in Unix milliseconds; 0 never.
+    pub last_proof_ms: AtomicU64,
+    /// Times etcd's revision was seen going back (a restored backup).
+    pub etcd_restores_total: AtomicU64,
     /// Registrations rejected (each counted once, when first seen).
     pub rejected_total: AtomicU64,
     /// Long-polls being held right now.
@@ -46,6 +52,21 @@ impl Metrics {
         Some(WaiterGuard(Arc::clone(self)))
     }
 
+    /// Records a proof of contact with the etcd majority, now.
+    pub fn proved(&self) {
+        self.last_proof_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// How long ago contact with the etcd majority was last proven.
+    pub fn proof_age(&self) -> Option<std::time::Duration> {
+        match self.last_proof_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(std::time::Duration::from_millis(
+                unix_ms().saturating_sub(at),
+            )),
+        }
+    }
+
     pub fn render(&self, publisher: &Publisher, max_long_polls: usize) -> String {
         let current = publisher.current();
         let tables = current.as_ref().map(|p| &p.tables);
@@ -58,7 +79,7 @@ impl Metrics {
         let history = current.as_ref().map_or(0, |p| p.history.len());
         let floor = current.as_ref().map_or(0, |p| p.history.floor().revision);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 19] = [
+        let rows: [(&str, &str, &str, u64); 20] = [
             (
                 "sync_server_ready",
                 "gauge",
@@ -80,7 +101,7 @@ impl Metrics {
             (
                 "sync_server_stale",
                 "gauge",
-                "1 while etcd is unreachable and the last snapshot is served",
+                "1 while no contact with the etcd majority was proven within --freshness-timeout (the last tables are served)",
                 u64::from(stale),
             ),
             (
@@ -112,6 +133,12 @@ impl Metrics {
                 "gauge",
                 "1 while the etcd watch is established",
                 load(&self.etcd_connected),
+            ),
+            (
+                "sync_server_etcd_restores_total",
+                "counter",
+                "times etcd's revision went back (a restored backup): a new epoch was published",
+                load(&self.etcd_restores_total),
             ),
             (
                 "sync_server_sync_restarts_total",
@@ -181,6 +208,13 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP sync_server_etcd_proof_age_seconds seconds since contact with the etcd majority was last proven (-1: never)\n\
+             # TYPE sync_server_etcd_proof_age_seconds gauge\n\
+             sync_server_etcd_proof_age_seconds {}",
+            self.proof_age().map_or(-1.0, |age| age.as_secs_f64())
+        );
         if let Some(health) = self.health.get() {
             health.render(&mut out);
         }

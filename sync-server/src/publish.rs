@@ -7,6 +7,15 @@
 //! encoded lazily and once: the full snapshot on first request, each
 //! change-feed answer once per (since, scope), shared by every response
 //! that sends it.
+//!
+//! Every replica over the same etcd cluster and `--watch` flags serves the
+//! same content at the same revision under the same epoch, so its deltas
+//! fit a client that last heard from another replica. What this process
+//! observes itself (health checks, arrival stamps) is named by its
+//! [`Publisher::observer`]: a client that held another observer's view
+//! takes one full answer. Every change goes through one lock
+//! ([`Publisher::update`]), so a stale mark cannot undo a concurrent
+//! publication.
 
 use crate::registry::{Commit, Tables};
 use axum::body::Bytes;
@@ -152,6 +161,8 @@ pub struct Cursor {
     pub since: Option<Position>,
     /// The epoch of that revision, when the client knows it.
     pub epoch: Option<String>,
+    /// The observer whose view the client holds, when it says.
+    pub observer: Option<String>,
     /// Only these services (and no rejections), when set.
     pub scope: Option<Arc<BTreeSet<String>>>,
 }
@@ -174,6 +185,8 @@ pub struct Published {
     /// Names the etcd cluster and watch configuration (empty when unknown,
     /// as for a snapshot loaded from file).
     pub epoch: Arc<str>,
+    /// Names this process (see [`Publisher::observer`]).
+    pub observer: Arc<str>,
     pub stale: bool,
     pub tables: Tables,
     pub history: History,
@@ -192,6 +205,7 @@ impl Published {
     pub fn new(
         position: Position,
         epoch: Arc<str>,
+        observer: Arc<str>,
         stale: bool,
         tables: Tables,
         history: History,
@@ -205,6 +219,7 @@ impl Published {
             revision,
             health_seq: health,
             epoch,
+            observer,
             stale,
             tables,
             history,
@@ -245,10 +260,21 @@ impl Published {
     }
 
     /// The change-feed answer for `cursor`, or `None` when the client
-    /// already holds this revision.
+    /// already holds this revision (or, of another observer, a newer one:
+    /// it waits for this replica to catch up rather than go back).
     pub fn changes(&self, cursor: &Cursor) -> Option<Arc<Answer>> {
         let same_epoch = cursor.epoch.as_deref().is_none_or(|e| e == &*self.epoch);
+        let same_observer = cursor
+            .observer
+            .as_deref()
+            .is_none_or(|o| o == &*self.observer);
         let changed = match cursor.since {
+            Some(since) if same_epoch && !same_observer => {
+                if since.revision > self.revision {
+                    return None;
+                }
+                None
+            }
             Some(since) if same_epoch => match self.history.since(since) {
                 Some(_) if since >= self.position() => return None,
                 changed => changed,
@@ -258,6 +284,7 @@ impl Published {
         let key = Cursor {
             since: changed.as_ref().and(cursor.since),
             epoch: None,
+            observer: None,
             scope: cursor.scope.clone(),
         };
         let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
@@ -287,6 +314,7 @@ impl Published {
             // A client that does not follow health changes sent none.
             since_health_seq: since.map_or(0, |s| if s.health == u64::MAX { 0 } else { s.health }),
             epoch: &self.epoch,
+            observer: &self.observer,
             full: changed.is_none(),
             stale: self.stale,
             services: ServicesOut(Vec::new()),
@@ -399,6 +427,7 @@ struct ChangesOut<'a> {
     #[serde(skip_serializing_if = "is_zero")]
     since_health_seq: u64,
     epoch: &'a str,
+    observer: &'a str,
     full: bool,
     stale: bool,
     services: ServicesOut<'a>,
@@ -421,6 +450,7 @@ pub struct Publisher {
     /// is served, but does not make the server ready).
     synced: Arc<AtomicBool>,
     limits: HistoryLimits,
+    observer: Arc<str>,
 }
 
 impl Default for Publisher {
@@ -435,62 +465,80 @@ impl Publisher {
             tx: Arc::new(watch::channel(None).0),
             synced: Arc::default(),
             limits,
+            observer: process_tag().into(),
         }
     }
 
-    fn send(&self, published: Published) {
-        self.tx.send_replace(Some(Arc::new(published)));
+    /// Names this process: what it serves carries its own observations
+    /// (arrival stamps, health), which another replica, or this one
+    /// restarted, does not share.
+    pub fn observer(&self) -> &str {
+        &self.observer
+    }
+
+    /// Replaces what is served by what `next` makes of it (`None`: keep
+    /// it), under the channel's lock: two publishers never both build on
+    /// the same current one and lose each other's change.
+    fn update(&self, next: impl FnOnce(Option<&Published>) -> Option<Published>) {
+        self.tx
+            .send_if_modified(|slot| match next(slot.as_deref()) {
+                Some(published) => {
+                    *slot = Some(Arc::new(published));
+                    true
+                }
+                None => false,
+            });
+    }
+
+    fn make(
+        &self,
+        position: Position,
+        epoch: Arc<str>,
+        stale: bool,
+        tables: Tables,
+        history: History,
+    ) -> Published {
+        let observer = Arc::clone(&self.observer);
+        Published::new(position, epoch, observer, stale, tables, history)
     }
 
     /// Publishes tables with no history before them: a client holding an
-    /// older revision, or one of another epoch, gets everything.
+    /// older revision, or one of another epoch, gets everything. They are
+    /// fresh: a listing from etcd is the proof.
     pub fn publish_reset(&self, epoch: &str, revision: u64, tables: Tables) {
-        let position = Position::new(revision, self.health_seq());
-        let history = History::new(position, self.limits);
-        self.send(Published::new(
-            position,
-            epoch.into(),
-            false,
-            tables,
-            history,
-        ));
+        self.update(|current| {
+            // The health count never goes back, so positions keep growing
+            // across a re-listing.
+            let position = Position::new(revision, current.map_or(0, |c| c.health_seq));
+            let history = History::new(position, self.limits);
+            Some(self.make(position, epoch.into(), false, tables, history))
+        });
     }
 
     /// Publishes the tables at a newer revision of the same epoch, with
     /// what changed since the revision published before.
     pub fn publish_change(&self, revision: u64, commit: Commit, tables: Tables) {
-        let Some(current) = self.current() else {
-            return;
-        };
-        let position = Position::new(revision, current.health_seq);
-        let mut history = current.history.clone();
-        history.push(position, commit);
-        let epoch = Arc::clone(&current.epoch);
-        self.send(Published::new(position, epoch, false, tables, history));
+        self.update(|current| {
+            let current = current?;
+            let position = Position::new(revision, current.health_seq);
+            let mut history = current.history.clone();
+            history.push(position, commit);
+            let epoch = Arc::clone(&current.epoch);
+            Some(self.make(position, epoch, false, tables, history))
+        });
     }
 
     /// Publishes tables whose health changed, at the same revision: the
     /// position's health count moves on instead.
     pub fn publish_health(&self, commit: Commit, tables: Tables) {
-        let Some(current) = self.current() else {
-            return;
-        };
-        let position = Position::new(current.revision, current.health_seq + 1);
-        let mut history = current.history.clone();
-        history.push(position, commit);
-        self.send(Published::new(
-            position,
-            Arc::clone(&current.epoch),
-            current.stale,
-            tables,
-            history,
-        ));
-    }
-
-    /// The health count published so far (it never goes back, so
-    /// positions keep growing across a re-listing).
-    fn health_seq(&self) -> u64 {
-        self.current().map_or(0, |c| c.health_seq)
+        self.update(|current| {
+            let current = current?;
+            let position = Position::new(current.revision, current.health_seq + 1);
+            let mut history = current.history.clone();
+            history.push(position, commit);
+            let epoch = Arc::clone(&current.epoch);
+            Some(self.make(position, epoch, current.stale, tables, history))
+        });
     }
 
     /// Serves a snapshot loaded from file, stale, of no known epoch.
@@ -498,21 +546,22 @@ impl Publisher {
         let position = Position::new(snapshot.revision, 0);
         let history = History::new(position, self.limits);
         let tables = Tables::from_snapshot(snapshot);
-        self.send(Published::new(position, "".into(), true, tables, history));
+        self.update(|_| Some(self.make(position, "".into(), true, tables, history)));
     }
 
-    /// Marks the held tables stale (etcd unreachable) or fresh again,
-    /// keeping their content and revision.
+    /// Marks the held tables stale (no proof that they are current) or
+    /// fresh again, keeping their content and revision.
     pub fn set_stale(&self, stale: bool) {
-        if let Some(current) = self.current().filter(|c| c.stale != stale) {
-            self.send(Published::new(
+        self.update(|current| {
+            let current = current.filter(|c| c.stale != stale)?;
+            Some(self.make(
                 current.position(),
                 Arc::clone(&current.epoch),
                 stale,
                 current.tables.clone(),
                 current.history.clone(),
-            ));
-        }
+            ))
+        });
     }
 
     pub fn mark_synced(&self) {
@@ -531,6 +580,14 @@ impl Publisher {
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Published>>> {
         self.tx.subscribe()
     }
+}
+
+/// A short random name for this process.
+fn process_tag() -> String {
+    use std::hash::BuildHasher;
+    // The standard library's hasher keys are random per process.
+    let bits = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("{:08x}", bits as u32)
 }
 
 #[cfg(test)]
@@ -571,6 +628,7 @@ mod tests {
         Cursor {
             since: Some(Position::of_client(revision, None)),
             epoch: Some("e".into()),
+            observer: None,
             scope: None,
         }
     }
@@ -645,6 +703,67 @@ mod tests {
     }
 
     #[test]
+    fn another_observer_gets_one_full_answer_and_never_an_older_one() {
+        let p = Publisher::default();
+        let v1 = snapshot(10, &[("a", service(1, 1))]);
+        p.publish_reset("e", 10, Tables::from_snapshot(&v1));
+        let observer = p.observer().to_owned();
+        let mine = Cursor {
+            observer: Some(observer.clone()),
+            ..since(10)
+        };
+        assert_eq!(changes(&p, mine.clone()), None, "up to date");
+        let theirs = |revision| Cursor {
+            observer: Some("another".into()),
+            ..since(revision)
+        };
+        let switch = changes(&p, theirs(10)).expect("an answer");
+        assert!(switch.full, "another observer's view is replaced whole");
+        assert_eq!(switch.observer, observer);
+        assert_eq!(switch.services, v1.services);
+        assert_eq!(
+            changes(&p, theirs(11)),
+            None,
+            "a client ahead of this replica waits for it"
+        );
+        let v2 = snapshot(11, &[("a", service(1, 2))]);
+        p.publish_change(11, commit(&["a"]), Tables::from_snapshot(&v2));
+        let delta = changes(&p, mine).expect("newer");
+        assert!(!delta.full, "the same observer gets deltas");
+    }
+
+    #[test]
+    fn a_stale_mark_keeps_a_concurrent_health_publication() {
+        let p = Publisher::default();
+        let v1 = snapshot(10, &[("a", service(1, 1))]);
+        p.publish_reset("e", 10, Tables::from_snapshot(&v1));
+        let publishers: Vec<_> = (0..8)
+            .map(|i| {
+                let p = p.clone();
+                let v1 = v1.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        if i % 2 == 0 {
+                            p.publish_health(commit(&["a"]), Tables::from_snapshot(&v1));
+                        } else {
+                            p.set_stale(true);
+                            p.set_stale(false);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for publisher in publishers {
+            publisher.join().expect("no panic");
+        }
+        assert_eq!(
+            p.current().expect("published").health_seq,
+            4 * 200,
+            "every health publication counted, none overwritten"
+        );
+    }
+
+    #[test]
     fn history_is_bounded_by_bytes() {
         let mut history = History::new(
             Position::new(1, 0),
@@ -679,6 +798,7 @@ mod tests {
         let follower = Cursor {
             since: Some(Position::new(10, 0)),
             epoch: Some("e".into()),
+            observer: None,
             scope: None,
         };
         let delta = changes(&p, follower).expect("the health change");

@@ -733,6 +733,30 @@ mod tests {
         assert_eq!((again.health, again.serving_since_ms), (None, Some(8_000)));
     }
 
+    /// A re-listing at the revision already served (etcd restarted, no
+    /// write) leaves every service "pending an etcd change", so health
+    /// commits skip them all; the sync loop must commit such a listing
+    /// itself, or health would wait for an unrelated write.
+    #[test]
+    fn a_relisting_at_the_same_revision_leaves_health_to_the_commit() {
+        let mut r = registry();
+        r.put(0, b"svc/s/a", &naming("127.0.0.1:1", 1), 2);
+        r.put(0, b"svc/t/b", &naming("127.0.0.1:2", 1), 3);
+        r.commit_at(1_000);
+        r.reset(3);
+        r.put(0, b"svc/s/a", &naming("127.0.0.1:1", 1), 2);
+        r.put(0, b"svc/t/b", &naming("127.0.0.1:2", 1), 3);
+        assert!(r.set_health("s", "127.0.0.1:1", Health::Unhealthy, 2_000));
+        assert!(
+            r.commit_health(2_000).services.is_empty(),
+            "pending after the re-listing: skipped"
+        );
+        let commit = r.commit_at(2_000);
+        assert_eq!(commit.services, [Arc::from("s")], "only health differs");
+        let unhealthy = &r.tables().services["s"].service.endpoints[0];
+        assert_eq!(unhealthy.health, Some(Health::Unhealthy));
+    }
+
     #[test]
     fn bad_registrations_are_listed_not_fatal() {
         let mut r = registry();

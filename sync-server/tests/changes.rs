@@ -47,12 +47,16 @@ fn config(etcd: &Etcd, watches: &[&str], history: usize) -> Config {
 struct Follower {
     revision: u64,
     epoch: String,
+    observer: String,
     services: BTreeMap<String, Service>,
 }
 
 impl Follower {
     fn query(&self, wait: u32) -> String {
-        format!("?since={}&epoch={}&wait={wait}", self.revision, self.epoch)
+        format!(
+            "?since={}&epoch={}&observer={}&wait={wait}",
+            self.revision, self.epoch, self.observer
+        )
     }
 
     fn apply(&mut self, changes: Changes) {
@@ -67,6 +71,7 @@ impl Follower {
         self.services.extend(changes.services);
         self.revision = changes.revision;
         self.epoch = changes.epoch;
+        self.observer = changes.observer;
         let mut digest = Digest::default();
         for (name, service) in &self.services {
             digest.add(Digest::of(name, service));
@@ -198,19 +203,24 @@ async fn deltas_carry_what_changed_and_old_revisions_get_everything() {
     .await;
     assert!(foreign.expect("answer").full);
 
-    // A restarted sync-server is another process, with its own
-    // observations (arrival times, health) and so another epoch: every
-    // client gets everything once, even one at its revision, then nothing
-    // more until something changes.
+    // A restarted sync-server serves the same epoch (the same etcd
+    // cluster and prefixes) as another observer (its own arrival times
+    // and health): a client of the old process gets everything once, even
+    // at its revision, then nothing more until something changes; one
+    // that follows no observer is up to date.
     drop(server);
     let restarted = ready_server(config(&etcd, &["etcd-naming=svc/"], 3)).await;
     let (_, after_restart, _) = changes(&restarted, &start.query(0)).await;
     assert!(after_restart.expect("answer").full);
     let (_, current, _) = changes(&restarted, &follower.query(0)).await;
     let current = current.expect("answer");
-    assert!(current.full && current.epoch != follower.epoch);
+    assert!(current.full);
+    assert_eq!(current.epoch, follower.epoch, "one epoch across processes");
+    assert_ne!(current.observer, follower.observer);
     follower.apply(current);
     assert_eq!(changes(&restarted, &follower.query(0)).await.0, 304);
+    let no_observer = format!("?since={}&epoch={}", follower.revision, follower.epoch);
+    assert_eq!(changes(&restarted, &no_observer).await.0, 304);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

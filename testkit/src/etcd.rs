@@ -168,6 +168,11 @@ impl Etcd {
     }
 
     /// Kills etcd (SIGKILL), keeping its data.
+    /// The member's process id while it runs (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn kill(&mut self) {
         self.proc = None;
     }
