@@ -13,11 +13,13 @@
 mod envoy;
 mod etcd;
 mod http;
+mod netns;
 mod process;
 
 pub use envoy::*;
 pub use etcd::*;
 pub use http::*;
+pub use netns::*;
 pub use process::*;
 
 use std::future::Future;
