@@ -52,8 +52,14 @@ pub enum NoopCall {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PollerConfig {
-    /// The Envoy cluster that leads to sync-server.
-    pub cluster: String,
+    /// The Envoy cluster that leads to sync-server (one replica, or a pool
+    /// Envoy balances over). Exactly one of this and `clusters`.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// One Envoy cluster per sync-server replica: the poller follows one
+    /// and moves to another when it fails, hangs or turns stale.
+    #[serde(default)]
+    pub clusters: Option<Vec<String>>,
     /// The `:authority` of the poll requests.
     #[serde(default = "default_authority")]
     pub authority: String,
@@ -72,6 +78,32 @@ pub struct PollerConfig {
     /// The services this Envoy routes to; only these travel. All when unset.
     #[serde(default)]
     pub services: Option<Vec<String>>,
+    /// How often (ms) the replica followed is asked `GET /v1/status` while
+    /// a long-poll waits on it, to find it hung or stale; 0 never asks.
+    /// Only with two or more `clusters`.
+    #[serde(default = "default_probe_ms")]
+    pub probe_ms: u32,
+    /// How long (ms) a status probe may take before its replica counts as
+    /// unusable.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u32,
+}
+
+impl PollerConfig {
+    /// The clusters of the replicas, in the order configured: `cluster`
+    /// alone is a list of one.
+    pub fn clusters(&self) -> &[String] {
+        match &self.clusters {
+            Some(clusters) => clusters,
+            None => self.cluster.as_slice(),
+        }
+    }
+
+    /// Whether status probes are sent: they are for choosing between
+    /// replicas, so never with one.
+    pub fn probing(&self) -> bool {
+        self.probe_ms > 0 && self.clusters().len() > 1
+    }
 }
 
 /// Where the registry name of a call's service comes from.
@@ -244,6 +276,12 @@ fn default_timeout_margin_ms() -> u32 {
 fn default_max_backoff_ms() -> u32 {
     5_000
 }
+fn default_probe_ms() -> u32 {
+    2_000
+}
+fn default_probe_timeout_ms() -> u32 {
+    1_000
+}
 fn default_no_endpoint_status() -> u32 {
     14
 }
@@ -273,8 +311,35 @@ impl PluginConfig {
     fn validate(&self) -> Result<(), String> {
         match self {
             PluginConfig::Poller(poller) => {
-                if poller.cluster.is_empty() {
-                    return Err("`cluster` is empty".into());
+                match (&poller.cluster, &poller.clusters) {
+                    (Some(_), Some(_)) => {
+                        return Err("`cluster` and `clusters` are both set; use one".into())
+                    }
+                    (None, None) => {
+                        return Err("`cluster` (or `clusters`, one per replica) is missing".into())
+                    }
+                    (Some(cluster), None) if cluster.is_empty() => {
+                        return Err("`cluster` is empty".into())
+                    }
+                    (None, Some(clusters)) => {
+                        if clusters.is_empty() {
+                            return Err("`clusters` is empty".into());
+                        }
+                        if clusters.iter().any(String::is_empty) {
+                            return Err("`clusters` has an empty name".into());
+                        }
+                        let mut seen = std::collections::HashSet::new();
+                        if let Some(twice) = clusters.iter().find(|c| !seen.insert(c.as_str())) {
+                            return Err(format!("`clusters` names {twice:?} twice"));
+                        }
+                    }
+                    _ => {}
+                }
+                if poller.probe_ms > 0 && !(1..poller.probe_ms).contains(&poller.probe_timeout_ms) {
+                    return Err(format!(
+                        "`probe_timeout_ms` is {}, expected 1..{} (below `probe_ms`)",
+                        poller.probe_timeout_ms, poller.probe_ms
+                    ));
                 }
                 if !(1..=300).contains(&poller.wait_seconds) {
                     return Err(format!(
@@ -407,13 +472,16 @@ mod tests {
         assert_eq!(
             poller,
             Ok(PluginConfig::Poller(PollerConfig {
-                cluster: "sync".into(),
+                cluster: Some("sync".into()),
+                clusters: None,
                 authority: "sync-server".into(),
                 wait_seconds: 30,
                 timeout_margin_ms: 5_000,
                 max_backoff_ms: 5_000,
                 bearer_token: None,
                 services: None,
+                probe_ms: 2_000,
+                probe_timeout_ms: 1_000,
             }))
         );
         assert_eq!(
@@ -431,6 +499,33 @@ mod tests {
                 addr: Some("127.0.0.1:1".into())
             }))
         );
+    }
+
+    #[test]
+    fn parses_one_cluster_per_replica() {
+        let config = PluginConfig::parse(
+            br#"{"role":"poller","clusters":["sync_0","sync_1"],"probe_ms":3000}"#,
+        );
+        let Ok(PluginConfig::Poller(poller)) = config else {
+            panic!("{config:?}");
+        };
+        assert_eq!(poller.clusters(), ["sync_0", "sync_1"]);
+        assert_eq!((poller.probe_ms, poller.probe_timeout_ms), (3_000, 1_000));
+        assert!(poller.probing());
+        let one = PluginConfig::parse(br#"{"role":"poller","cluster":"sync"}"#);
+        let Ok(PluginConfig::Poller(one)) = one else {
+            panic!("{one:?}");
+        };
+        assert_eq!(one.clusters(), ["sync"]);
+        assert!(!one.probing(), "nothing to choose between");
+        // Probing off: the timeout is not used, so not checked.
+        let off = PluginConfig::parse(
+            br#"{"role":"poller","clusters":["a","b"],"probe_ms":0,"probe_timeout_ms":0}"#,
+        );
+        let Ok(PluginConfig::Poller(off)) = off else {
+            panic!("{off:?}");
+        };
+        assert!(!off.probing());
     }
 
     #[test]
@@ -506,6 +601,15 @@ mod tests {
             (br#"{"role":"noop","call":"header_override","addr":"x"}"#, "addr"),
             (br#"{"role":"noop","call":"dance"}"#, "unknown variant"),
             (br#"{"role":"poller","cluster":"s","services":["a,b"]}"#, "comma"),
+            (br#"{"role":"poller","cluster":"s","clusters":["t"]}"#, "both"),
+            (br#"{"role":"poller","clusters":[]}"#, "`clusters` is empty"),
+            (br#"{"role":"poller","clusters":["a",""]}"#, "`clusters` has an empty name"),
+            (br#"{"role":"poller","clusters":["a","b","a"]}"#, "`clusters` names \"a\" twice"),
+            (br#"{"role":"poller","clusters":"a"}"#, "invalid type"),
+            (br#"{"role":"poller","cluster":"s","probe_timeout_ms":0}"#, "probe_timeout_ms"),
+            (br#"{"role":"poller","cluster":"s","probe_ms":500}"#, "probe_timeout_ms"),
+            (br#"{"role":"poller","cluster":"s","probe_ms":1000,"probe_timeout_ms":1000}"#, "probe_timeout_ms"),
+            (br#"{"role":"poller","cluster":"s","probe_ms":-1}"#, "invalid value"),
             (br#"{"role":"pollster"}"#, "pollster"),
             (br#"{"cluster":"s"}"#, "role"),
             (br#"{"role":"router","extra":1}"#, "extra"),

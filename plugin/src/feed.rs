@@ -147,11 +147,20 @@ impl Position {
     }
 }
 
-/// What the poller holds: the position and epoch it is at, and one digest
-/// per service, so that each answer is checked before anything is written.
+/// Where the tables held come from: the position, the epoch it belongs
+/// to, and the replica whose observations they carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cursor {
+    position: Position,
+    epoch: String,
+    observer: String,
+}
+
+/// What the poller holds: its [`Cursor`], and one digest per service, so
+/// that each answer is checked before anything is written.
 #[derive(Debug, Default)]
 pub struct PollerTables {
-    cursor: Option<(Position, String)>,
+    cursor: Option<Cursor>,
     digests: HashMap<String, u64>,
     digest: Digest,
     seq: u64,
@@ -174,9 +183,11 @@ pub struct Update {
 }
 
 impl PollerTables {
-    /// (position, epoch) held, for the next request.
-    pub fn cursor(&self) -> Option<(Position, &str)> {
-        self.cursor.as_ref().map(|(r, e)| (*r, e.as_str()))
+    /// (position, epoch, observer) held, for the next request.
+    pub fn cursor(&self) -> Option<(Position, &str, &str)> {
+        self.cursor
+            .as_ref()
+            .map(|c| (c.position, c.epoch.as_str(), c.observer.as_str()))
     }
 
     pub fn digest(&self) -> Digest {
@@ -193,17 +204,29 @@ impl PollerTables {
     }
 
     /// Applies one answer; `Ok(None)` when it holds nothing newer. An answer
-    /// that does not fit what is held (a delta from another revision, a
-    /// digest that does not match the result) is refused whole: nothing
-    /// is written and the next request asks for everything.
+    /// that does not fit what is held (a delta from another revision or
+    /// replica, a digest that does not match the result) is refused whole:
+    /// nothing is written and the next request asks for everything.
+    ///
+    /// Within an epoch the revision never goes back, whichever replica
+    /// answers: one behind is ignored, it is not an error. Health counts of
+    /// different observers cannot be compared, so a full answer from
+    /// another observer at the revision held or later replaces everything
+    /// (the one full load a move to another replica costs). Revisions of
+    /// different epochs cannot be compared either: a full answer from
+    /// another epoch is taken whatever its revision.
     pub fn apply(&mut self, changes: Changes) -> Result<Option<Update>, String> {
-        let same_epoch = self
-            .cursor
-            .as_ref()
-            .is_some_and(|(_, e)| *e == changes.epoch);
         let answer_at = Position::new(changes.revision, changes.health_seq);
-        if same_epoch && self.cursor.as_ref().is_some_and(|(r, _)| answer_at <= *r) {
-            return Ok(None);
+        if let Some(held) = self.cursor.as_ref().filter(|c| c.epoch == changes.epoch) {
+            if changes.revision < held.position.revision {
+                return Ok(None);
+            }
+            // An older server names no observer: its answers are taken as
+            // coming from the one held, as before observers existed.
+            let same_observer = changes.observer.is_empty() || changes.observer == held.observer;
+            if same_observer && answer_at <= held.position {
+                return Ok(None);
+            }
         }
         let mut digests: HashMap<String, Option<u64>> = HashMap::new();
         let mut encoded = Vec::with_capacity(changes.services.len());
@@ -218,13 +241,14 @@ impl PollerTables {
             }
         } else {
             match &self.cursor {
-                Some((held, epoch))
-                    if *held == Position::new(changes.since, changes.since_health_seq)
-                        && *epoch == changes.epoch => {}
+                Some(held)
+                    if held.position == Position::new(changes.since, changes.since_health_seq)
+                        && held.epoch == changes.epoch
+                        && (changes.observer.is_empty() || held.observer == changes.observer) => {}
                 held => {
                     let message = format!(
-                        "a delta since revision {} of epoch {:?} does not fit the tables held ({held:?})",
-                        changes.since, changes.epoch
+                        "a delta since revision {} of epoch {:?} from observer {:?} does not fit the tables held ({held:?})",
+                        changes.since, changes.epoch, changes.observer
                     );
                     self.cursor = None;
                     return Err(message);
@@ -287,7 +311,11 @@ impl PollerTables {
             update.index = Some(names.join("\n").into_bytes());
         }
         update.log = self.log.encode();
-        self.cursor = Some((answer_at, changes.epoch));
+        self.cursor = Some(Cursor {
+            position: answer_at,
+            epoch: changes.epoch,
+            observer: changes.observer,
+        });
         Ok(Some(update))
     }
 }
@@ -368,12 +396,12 @@ mod tests {
         assert_eq!(written.len(), 2);
         assert!(written.contains(&("b", true)) && written.contains(&("a", false)));
         assert_eq!(delta.index, Some(b"a".to_vec()));
-        assert_eq!(held.cursor(), Some((Position::new(12, 0), "e")));
+        assert_eq!(held.cursor(), Some((Position::new(12, 0), "e", "")));
         // A health change at the same revision moves the position on.
         let mut health = changes(12, 12, &[("a", 5)], &[], &[("a", 5)]);
         health.health_seq = 1;
         assert!(held.apply(health.clone()).expect("fits").is_some());
-        assert_eq!(held.cursor(), Some((Position::new(12, 1), "e")));
+        assert_eq!(held.cursor(), Some((Position::new(12, 1), "e", "")));
         assert_eq!(held.apply(health), Ok(None), "held already");
         let mut back = changes(12, 12, &[("a", 3)], &[], &[("a", 3)]);
         (back.since_health_seq, back.health_seq) = (1, 2);
@@ -412,6 +440,134 @@ mod tests {
             digest_of(&[("a", 1)]),
             "nothing applied"
         );
+    }
+
+    /// `changes` as answered by `observer` of `epoch`.
+    fn from(epoch: &str, observer: &str, mut changes: Changes) -> Changes {
+        changes.epoch = epoch.into();
+        changes.observer = observer.into();
+        changes
+    }
+
+    #[test]
+    fn the_revision_never_goes_back_within_an_epoch() {
+        let mut held = PollerTables::default();
+        held.apply(from(
+            "e",
+            "a",
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits")
+        .expect("newer");
+        // Another replica behind: ignored, not an error, cursor kept.
+        let behind = from("e", "b", changes(9, 0, &[("s", 2)], &[], &[("s", 2)]));
+        assert_eq!(held.apply(behind), Ok(None));
+        // The same replica behind (a full answer or a delta) too.
+        let full_behind = from("e", "a", changes(9, 0, &[("s", 2)], &[], &[("s", 2)]));
+        assert_eq!(held.apply(full_behind), Ok(None));
+        assert_eq!(held.cursor(), Some((Position::new(10, 0), "e", "a")));
+        assert_eq!(held.digest().value(), digest_of(&[("s", 1)]));
+    }
+
+    #[test]
+    fn answers_of_the_observer_held_apply_only_when_newer() {
+        let mut held = PollerTables::default();
+        held.apply(from(
+            "e",
+            "a",
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits");
+        let again = from("e", "a", changes(10, 0, &[("s", 1)], &[], &[("s", 1)]));
+        assert_eq!(
+            held.apply(again),
+            Ok(None),
+            "a full answer at the position held"
+        );
+        let delta = from("e", "a", changes(11, 10, &[("s", 2)], &[], &[("s", 2)]));
+        assert!(held.apply(delta).expect("fits").is_some());
+        assert_eq!(held.cursor(), Some((Position::new(11, 0), "e", "a")));
+    }
+
+    #[test]
+    fn a_full_answer_from_another_observer_is_the_one_load_of_a_switch() {
+        let mut held = PollerTables::default();
+        let mut first = from("e", "a", changes(10, 0, &[("s", 1)], &[], &[("s", 1)]));
+        first.health_seq = 5;
+        held.apply(first).expect("fits");
+        // At the same revision and a lower health count: health counts of
+        // two observers do not compare, so the other observer's view
+        // replaces everything.
+        let switched = from("e", "b", changes(10, 0, &[("s", 2)], &[], &[("s", 2)]));
+        let update = held
+            .apply(switched.clone())
+            .expect("fits")
+            .expect("applied");
+        assert!(update.full);
+        assert_eq!(held.cursor(), Some((Position::new(10, 0), "e", "b")));
+        assert_eq!(held.apply(switched), Ok(None), "once");
+        // Later, at a higher revision, from a third observer.
+        let later = from("e", "c", changes(12, 0, &[("s", 3)], &[], &[("s", 3)]));
+        assert!(held.apply(later).expect("fits").is_some());
+        assert_eq!(held.cursor(), Some((Position::new(12, 0), "e", "c")));
+    }
+
+    #[test]
+    fn a_full_answer_from_another_observer_at_a_lower_revision_is_ignored() {
+        let mut held = PollerTables::default();
+        held.apply(from(
+            "e",
+            "a",
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits");
+        let behind = from("e", "b", changes(8, 0, &[("s", 2)], &[], &[("s", 2)]));
+        assert_eq!(held.apply(behind), Ok(None));
+        assert_eq!(held.cursor(), Some((Position::new(10, 0), "e", "a")));
+    }
+
+    #[test]
+    fn a_full_answer_from_another_epoch_applies_at_any_revision() {
+        let mut held = PollerTables::default();
+        held.apply(from(
+            "e",
+            "a",
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits");
+        let other = from("f", "a", changes(3, 0, &[("t", 2)], &[], &[("t", 2)]));
+        let update = held.apply(other).expect("fits").expect("applied");
+        assert!(update.full);
+        assert_eq!(held.cursor(), Some((Position::new(3, 0), "f", "a")));
+        assert_eq!(held.digest().value(), digest_of(&[("t", 2)]));
+        // A delta of another epoch still does not fit.
+        let delta = from("g", "a", changes(4, 3, &[("t", 3)], &[], &[("t", 3)]));
+        assert!(held.apply(delta).is_err());
+        assert_eq!(held.cursor(), None);
+    }
+
+    #[test]
+    fn deltas_must_come_from_the_observer_held() {
+        let mut held = PollerTables::default();
+        held.apply(from(
+            "e",
+            "a",
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits");
+        // Fits the position and epoch, but carries another replica's view.
+        let other = from("e", "b", changes(11, 10, &[("s", 2)], &[], &[("s", 2)]));
+        assert!(held.apply(other).is_err());
+        assert_eq!(held.cursor(), None, "the next request asks for everything");
+        held.apply(from(
+            "e",
+            "a",
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits");
+        // An answer that names no observer (an older server) fits.
+        let unnamed = from("e", "", changes(11, 10, &[("s", 2)], &[], &[("s", 2)]));
+        assert!(held.apply(unnamed).expect("fits").is_some());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! One `.wasm` plays two roles, chosen by its plugin configuration:
 //! - `poller`: loaded once per Envoy as a singleton bootstrap service; it
 //!   long-polls sync-server's change feed and writes each changed service
-//!   to shared data ([`feed`]);
+//!   to shared data ([`feed`]), following one sync-server replica and
+//!   moving to another when it fails, hangs or turns stale ([`replicas`]);
 //! - `router`: the HTTP filter on every worker; it keeps a decoded copy of
 //!   the tables and re-reads only the services that changed, and picks the
 //!   upstream of each call by smooth weighted round-robin.
@@ -18,6 +19,7 @@ pub mod filter_state;
 pub mod naming;
 pub mod outlier;
 pub mod poll;
+pub mod replicas;
 pub mod tables;
 
 #[cfg(target_arch = "wasm32")]

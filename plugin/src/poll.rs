@@ -36,9 +36,11 @@ impl PollSchedule {
     }
 
     /// The path of the next poll: everything until tables are held
-    /// (`held` is the position and epoch held), then a long-poll for the
-    /// changes after them.
-    pub fn path(&self, held: Option<(Position, &str)>) -> String {
+    /// (`held` is the position, epoch and observer held), then a long-poll
+    /// for the changes after them. The observer tells a replica whether
+    /// the health view held is its own (deltas) or another's (one full
+    /// answer).
+    pub fn path(&self, held: Option<(Position, &str, &str)>) -> String {
         let mut path = String::from("/v1/changes");
         let mut separator = '?';
         let mut add = |part: &str| {
@@ -48,14 +50,18 @@ impl PollSchedule {
                 separator = '&';
             }
         };
-        if let Some((position, epoch)) = held {
+        if let Some((position, epoch, observer)) = held {
             add(&format!(
-                "since={}&health_seq={}&epoch={}&wait={}",
+                "since={}&health_seq={}&epoch={}",
                 position.revision,
                 position.health_seq,
                 percent_encode(epoch),
-                self.config.wait_seconds
             ));
+            // Empty from an older server, which does not read it.
+            if !observer.is_empty() {
+                add(&format!("observer={}", percent_encode(observer)));
+            }
+            add(&format!("wait={}", self.config.wait_seconds));
         }
         add(&self.scope);
         path
@@ -64,6 +70,12 @@ impl PollSchedule {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.config.wait_seconds))
             + Duration::from_millis(u64::from(self.config.timeout_margin_ms))
+    }
+
+    /// An index below `len` (at least 1), from the schedule's randomness:
+    /// where Envoys started at different times begin.
+    pub fn random_index(&mut self, len: usize) -> usize {
+        (self.rng.next_u64() % len.max(1) as u64) as usize
     }
 
     /// A poll answered (200 or 304): poll again at once.
@@ -104,13 +116,16 @@ mod tests {
     fn schedule() -> PollSchedule {
         PollSchedule::new(
             PollerConfig {
-                cluster: "sync".into(),
+                cluster: Some("sync".into()),
+                clusters: None,
                 authority: "sync-server".into(),
                 wait_seconds: 30,
                 timeout_margin_ms: 5000,
                 max_backoff_ms: 2000,
                 bearer_token: None,
                 services: None,
+                probe_ms: 2000,
+                probe_timeout_ms: 1000,
             },
             7,
         )
@@ -121,8 +136,13 @@ mod tests {
         let s = schedule();
         assert_eq!(s.path(None), "/v1/changes");
         assert_eq!(
-            s.path(Some((Position::new(12, 4), "ab-1"))),
-            "/v1/changes?since=12&health_seq=4&epoch=ab-1&wait=30"
+            s.path(Some((Position::new(12, 4), "ab-1", "sync-0/42"))),
+            "/v1/changes?since=12&health_seq=4&epoch=ab-1&observer=sync-0%2F42&wait=30"
+        );
+        assert_eq!(
+            s.path(Some((Position::new(12, 4), "ab-1", ""))),
+            "/v1/changes?since=12&health_seq=4&epoch=ab-1&wait=30",
+            "no observer named: as before observers"
         );
         assert_eq!(s.timeout(), Duration::from_secs(35));
         let mut config = s.config().clone();
@@ -133,9 +153,20 @@ mod tests {
             "/v1/changes?services=demo.Echo%2Ca%20b%26c"
         );
         assert_eq!(
-            scoped.path(Some((Position::new(3, 0), "e"))),
-            "/v1/changes?since=3&health_seq=0&epoch=e&wait=30&services=demo.Echo%2Ca%20b%26c"
+            scoped.path(Some((Position::new(3, 0), "e", "o"))),
+            "/v1/changes?since=3&health_seq=0&epoch=e&observer=o&wait=30&services=demo.Echo%2Ca%20b%26c"
         );
+    }
+
+    #[test]
+    fn random_indexes_stay_in_range_and_spread() {
+        let mut seen = [0u32; 3];
+        for seed in 0..300 {
+            let index = PollSchedule::new(schedule().config().clone(), seed).random_index(3);
+            seen[index] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+        assert_eq!(schedule().random_index(0), 0, "never a division by zero");
     }
 
     #[test]
