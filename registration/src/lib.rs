@@ -7,6 +7,23 @@
 //! talks to one etcd member at a time and moves to the next after a
 //! failure. [`EtcdOptions`] says how to reach etcd (TLS, user, timeouts).
 //!
+//! # A member that stops answering
+//!
+//! A partitioned or frozen member must not cost a live instance its
+//! registration. The lease is renewed five times per TTL, and each renewal
+//! must be answered within a deadline well under the TTL (a fifth of it,
+//! at least 500 ms; see `keepalive_deadline` in the source for the
+//! budget): etcd itself may take ~7 s to say "no leader" or "timed out",
+//! and a frozen member never answers. On a missed deadline, an error or a
+//! "no leader", the owner moves to the next member at once (every other
+//! member is tried before any pause) and keeps the *same* lease alive
+//! through it, then catches up with what was done to the key meanwhile.
+//! Only when a member answers that the lease is gone is a new one granted
+//! and the key put again: a new lease means the key deleted and put back,
+//! which watchers (sync-server) would see as the instance leaving and
+//! coming back. [`Registration::current_member`] says which member the
+//! lease is kept alive through.
+//!
 //! # Changes made by others
 //!
 //! The process that keeps a key registered (its owner) watches the key, and
@@ -55,14 +72,16 @@ pub mod admin;
 pub use etcd_mesh_etcd_options::{Backoff, ConnectError, EtcdOptions, EtcdTls};
 
 use etcd_client::{
-    Client, Event, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
-    WatchStream,
+    Client, EventType, KeyValue, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
 };
 use etcd_mesh_wire::{parse_addr, MAX_WEIGHT};
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -172,7 +191,9 @@ impl Instance {
 /// Where a registration stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
-    /// Not yet registered, or lost and being re-registered.
+    /// Not yet registered, or lost and being re-registered, or moving to
+    /// another member (the key stays under its lease meanwhile, if the
+    /// move is quicker than the TTL).
     Retrying { reason: String },
     /// The key is in etcd under this lease.
     Registered { lease: i64 },
@@ -183,6 +204,8 @@ pub enum State {
 #[derive(Debug)]
 pub struct Registration {
     state: watch::Receiver<State>,
+    /// The member the lease is kept alive through, while registered.
+    member: watch::Receiver<Option<String>>,
     /// Weights asked for through [`Registration::set_weight`].
     requested: watch::Sender<u32>,
     /// The weight kept: asked for here or written in etcd by someone else.
@@ -193,6 +216,38 @@ pub struct Registration {
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// The least time a keepalive answer is waited for (see
+/// [`keepalive_deadline`]).
+const MIN_KEEPALIVE_DEADLINE: Duration = Duration::from_millis(500);
+
+/// How often the lease is renewed: five times per TTL (see
+/// [`keepalive_deadline`] for the budget this leaves).
+fn renew_interval(ttl: Duration) -> Duration {
+    ttl / 5
+}
+
+/// How long one keepalive round trip may take before its member is left
+/// for the next one.
+///
+/// etcd does not give up on a keepalive soon enough by itself: a follower
+/// forwards it to the leader and waits up to ~7 s (5 s plus two election
+/// timeouts) before answering "timed out" or "no leader", a frozen member
+/// never answers, and HTTP/2 pings do not notice a member that is alive
+/// but cut off from the others. With a 10 s TTL one such wait can cost the
+/// lease. So the owner keeps its own deadline: a fifth of the TTL (1 s for
+/// a 5 s TTL, 2 s for 10 s), no longer than the request timeout, and never
+/// under 500 ms (a healthy member answers in milliseconds; 500 ms leaves
+/// room for a slow link or a pause in either process).
+///
+/// Renewing every fifth of the TTL, a member that stalls is left at most
+/// 2/5 of the TTL after the last renewal (one interval, one deadline) and
+/// the next member is asked at once; a second bad member costs one more
+/// deadline (or the connect timeout, if it does not even take the
+/// connection), and a third member is still reached with the lease alive.
+fn keepalive_deadline(ttl: Duration, request_timeout: Duration) -> Duration {
+    (ttl / 5).min(request_timeout).max(MIN_KEEPALIVE_DEADLINE)
+}
 
 impl Registration {
     /// Starts keeping `instance` registered in the etcd at `endpoints`
@@ -217,6 +272,7 @@ impl Registration {
         let (state_tx, state) = watch::channel(State::Retrying {
             reason: "starting".into(),
         });
+        let (member_tx, member) = watch::channel(None);
         let (requested, requested_rx) = watch::channel(instance.weight);
         let (kept_tx, kept) = watch::channel(instance.weight);
         let stop = CancellationToken::new();
@@ -225,17 +281,19 @@ impl Registration {
             key: instance.key(),
             instance,
             state: state_tx,
+            member: member_tx,
             requested: requested_rx,
             kept: kept_tx,
             stop: stop.clone(),
             written: None,
             key_lease: 0,
             unwritten_request: false,
-            last_lease: None,
+            lease: None,
         };
         let task = tokio::spawn(owner.run());
         Ok(Registration {
             state,
+            member,
             requested,
             kept,
             stop,
@@ -268,6 +326,12 @@ impl Registration {
     /// A receiver that sees every state change.
     pub fn watch_state(&self) -> watch::Receiver<State> {
         self.state.clone()
+    }
+
+    /// The URL of the etcd member the lease is kept alive through, while
+    /// registered; `None` while retrying or moving to another member.
+    pub fn current_member(&self) -> Option<String> {
+        self.member.borrow().clone()
     }
 
     /// Waits until the key is in etcd, or `timeout` passes.
@@ -309,6 +373,7 @@ struct Owner {
     instance: Instance,
     key: String,
     state: watch::Sender<State>,
+    member: watch::Sender<Option<String>>,
     requested: watch::Receiver<u32>,
     kept: watch::Sender<u32>,
     stop: CancellationToken,
@@ -319,17 +384,30 @@ struct Owner {
     key_lease: i64,
     /// A weight asked for through the handle and not written yet.
     unwritten_request: bool,
-    /// The last lease granted, for cleaning up when stopped while away.
-    last_lease: Option<i64>,
+    /// The last lease granted, until a member says it is gone: when a
+    /// member fails, this lease is kept alive through the next one rather
+    /// than replaced (a new lease means the key deleted and put again,
+    /// which watchers see as the instance leaving and coming back). Also
+    /// what is revoked when stopped while away.
+    lease: Option<i64>,
 }
 
-/// The watch of the key and the lease's keepalive, on one member.
-struct Held {
+/// A client on one member, and the lease's keepalive through it (its
+/// first renewal answered).
+struct Attached {
     client: Client,
     lease: i64,
     keeper: LeaseKeeper,
     responses: LeaseKeepAliveStream,
-    watch: WatchStream,
+    /// The lease was kept from before (the key may have changed while no
+    /// member watched it), not granted now.
+    reattached: bool,
+}
+
+/// What someone else did to the key.
+enum Change<'a> {
+    Put(&'a KeyValue),
+    Deleted,
 }
 
 impl Owner {
@@ -338,17 +416,30 @@ impl Owner {
         // One member at a time, the next after each failure: a client over
         // all members keeps sending to a dead one (seen with a member killed).
         let mut turn = 0usize;
+        // Members still to try without a pause. A member lost while
+        // registered leaves the lease ticking: every other member is tried
+        // at once, and only then does the backoff start.
+        let mut at_once = 0usize;
         loop {
             match self.hold_lease(turn).await {
                 Ok((client, lease)) => return self.revoke(client, lease).await,
                 Err(reason) => {
                     if matches!(*self.state.borrow(), State::Registered { .. }) {
                         backoff.reset();
+                        at_once = self.options.endpoints.len().saturating_sub(1);
                     }
                     warn!(key = %self.key, %reason, "registration lost; retrying with the next member");
                     turn = turn.wrapping_add(1);
+                    self.member.send_replace(None);
                     self.state.send_replace(State::Retrying { reason });
                 }
+            }
+            if self.stop.is_cancelled() {
+                return self.revoke_while_away(turn).await;
+            }
+            if at_once > 0 {
+                at_once -= 1;
+                continue;
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return self.revoke_while_away(turn).await,
@@ -372,7 +463,7 @@ impl Owner {
     /// Stopped while etcd is away: the last lease is revoked if a member
     /// answers within the request timeout (best effort; it expires anyway).
     async fn revoke_while_away(&self, turn: usize) {
-        let Some(lease) = self.last_lease else { return };
+        let Some(lease) = self.lease else { return };
         let attempts = async {
             for i in 0..self.options.endpoints.len() {
                 if let Ok(mut client) = self.options.connect_member(turn.wrapping_add(i)).await {
@@ -388,6 +479,10 @@ impl Owner {
     fn keep_weight(&mut self, weight: u32) {
         self.instance.weight = weight;
         self.kept.send_replace(weight);
+    }
+
+    fn keepalive_deadline(&self) -> Duration {
+        keepalive_deadline(self.instance.ttl, self.options.request_timeout)
     }
 
     /// Puts the key, with the weight kept, under `lease`.
@@ -410,10 +505,11 @@ impl Owner {
         }
     }
 
-    /// Connects, adopts what someone else wrote while this owner could not
-    /// see it, grants a lease, puts the key, and starts the keepalive and
-    /// the watch of the key.
-    async fn register(&mut self, turn: usize) -> Result<Held, String> {
+    /// Connects to the member of `turn` and keeps the lease alive through
+    /// it: the lease held so far if that member says it is alive (the
+    /// first renewal answered within the keepalive deadline), else a new
+    /// one with the key put under it.
+    async fn attach(&mut self, turn: usize) -> Result<Attached, String> {
         let mut client = self
             .options
             .connect_member(turn)
@@ -426,6 +522,35 @@ impl Owner {
             self.keep_weight(weight);
             self.unwritten_request = true;
         }
+        if let Some(lease) = self.lease {
+            let deadline = self.keepalive_deadline();
+            match tokio::time::timeout(deadline, client.lease_keep_alive(lease)).await {
+                Ok(Ok((keeper, responses))) => {
+                    return Ok(Attached {
+                        client,
+                        lease,
+                        keeper,
+                        responses,
+                        reattached: true,
+                    })
+                }
+                // etcd-client's answer to a first renewal with TTL 0: the
+                // member says the lease is gone (expired or revoked while
+                // no member could renew it).
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(reason))) => {
+                    info!(key = %self.key, lease, %reason, "the lease is gone; registering under a new one");
+                    self.lease = None;
+                }
+                Ok(Err(e)) => return Err(format!("keepalive: {e}")),
+                Err(_) => return Err(format!("no keepalive answer within {deadline:?}")),
+            }
+        }
+        self.register(client).await
+    }
+
+    /// Adopts what someone else wrote while this owner could not see it,
+    /// grants a lease, puts the key, and starts the keepalive.
+    async fn register(&mut self, mut client: Client) -> Result<Attached, String> {
         let timeout = self.options.request_timeout;
         let found = within(timeout, client.get(self.key.as_str(), None)).await?;
         if let (Some(kv), Some(written)) = (found.kvs().first(), self.written) {
@@ -440,45 +565,97 @@ impl Owner {
         let lease = within(timeout, client.lease_grant(ttl_secs, None))
             .await?
             .id();
-        self.last_lease = Some(lease);
+        self.lease = Some(lease);
         self.put(&mut client, lease).await?;
         let (keeper, responses) = within(timeout, client.lease_keep_alive(lease)).await?;
-        let mut options = WatchOptions::new();
-        if let Some(written) = self.written {
-            options = options.with_start_revision(written + 1);
-        }
-        let watch = within(timeout, client.watch(self.key.as_str(), Some(options))).await?;
-        Ok(Held {
+        Ok(Attached {
             client,
             lease,
             keeper,
             responses,
-            watch,
+            reattached: false,
         })
     }
 
-    /// Registers and keeps the lease alive until `stop` (returning the
-    /// client and lease for cleanup) or until it is lost.
+    /// After keeping the lease alive through another member: catches up
+    /// with what was done to the key while no member watched it for this
+    /// owner, as the watch would have, and returns the revision to watch
+    /// from.
+    async fn catch_up(&mut self, client: &mut Client, lease: i64) -> Result<i64, String> {
+        let found = within(
+            self.options.request_timeout,
+            client.get(self.key.as_str(), None),
+        )
+        .await?;
+        let revision = found.header().map_or(0, |h| h.revision());
+        match (found.kvs().first(), self.written) {
+            // Never written under this lease, or a weight asked for here
+            // while away (it wins): ours to write.
+            (_, None) => self.put(client, lease).await?,
+            _ if self.unwritten_request => self.put(client, lease).await?,
+            (Some(kv), Some(written)) if kv.mod_revision() <= written => {}
+            (Some(kv), Some(_)) => {
+                self.someone_else_wrote(client, lease, Change::Put(kv))
+                    .await?;
+            }
+            (None, Some(_)) => {
+                self.someone_else_wrote(client, lease, Change::Deleted)
+                    .await?;
+            }
+        }
+        Ok(revision + 1)
+    }
+
+    /// Registers (or keeps the lease from before alive) through the member
+    /// of `turn`, and keeps the lease alive until `stop` (returning the
+    /// client and lease for cleanup) or until that member fails or the
+    /// lease is lost.
     async fn hold_lease(&mut self, turn: usize) -> Result<(Client, i64), String> {
-        let Held {
+        let Attached {
             mut client,
             lease,
-            mut keeper,
-            mut responses,
-            mut watch,
-        } = self.register(turn).await?;
-        info!(key = %self.key, lease, weight = self.instance.weight, "registered");
+            keeper,
+            responses,
+            reattached,
+        } = self.attach(turn).await?;
+        let keepalive = keep_alive(
+            keeper,
+            responses,
+            renew_interval(self.instance.ttl),
+            self.keepalive_deadline(),
+        );
+        tokio::pin!(keepalive);
+        // From here on, whatever else waits on etcd waits beside the
+        // renewals, and gives up as soon as they do.
+        let from = if reattached {
+            guarded(keepalive.as_mut(), self.catch_up(&mut client, lease)).await?
+        } else {
+            self.written.map_or(0, |written| written + 1)
+        };
+        let mut options = WatchOptions::new();
+        if from > 0 {
+            options = options.with_start_revision(from);
+        }
+        let watching = within(
+            self.options.request_timeout,
+            client.watch(self.key.as_str(), Some(options)),
+        );
+        let mut watch = guarded(keepalive.as_mut(), watching).await?;
+        let member = self.options.member_url(turn);
+        if reattached {
+            info!(key = %self.key, lease, member = ?member, "kept the lease alive through another member");
+        } else {
+            info!(key = %self.key, lease, weight = self.instance.weight, member = ?member, "registered");
+        }
+        self.member.send_replace(member);
         self.state.send_replace(State::Registered { lease });
 
-        // Renew three times per TTL; a lease not renewed for a whole TTL is
-        // presumed lost even if no error surfaced.
-        let mut renew = tokio::time::interval(self.instance.ttl / 3);
-        let mut last_renewed = tokio::time::Instant::now();
         let mut requested_open = true;
         loop {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Ok((client, lease)),
+                why = keepalive.as_mut() => return Err(why),
                 changed = self.requested.changed(), if requested_open => {
                     if changed.is_err() {
                         // The handle is gone: keep the registration as it is.
@@ -487,28 +664,29 @@ impl Owner {
                     }
                     let weight = *self.requested.borrow_and_update();
                     self.keep_weight(weight);
-                    self.put(&mut client, lease).await?;
+                    // Still to write if this member fails on it.
+                    self.unwritten_request = true;
+                    guarded(keepalive.as_mut(), self.put(&mut client, lease)).await?;
                     info!(key = %self.key, weight, "weight changed");
                 }
-                _ = renew.tick() => {
-                    if last_renewed.elapsed() > self.instance.ttl {
-                        return Err("no keepalive answer for a whole TTL".into());
-                    }
-                    keeper.keep_alive().await.map_err(|e| format!("keepalive: {e}"))?;
-                }
-                response = responses.message() => match response {
-                    Ok(Some(r)) if r.ttl() > 0 => last_renewed = tokio::time::Instant::now(),
-                    Ok(Some(_)) => return Err("the lease expired (requested lease not found)".into()),
-                    Ok(None) => return Err("the keepalive stream closed".into()),
-                    Err(e) => return Err(format!("keepalive: {e}")),
-                },
                 changes = watch.message() => match changes {
                     Ok(Some(r)) if r.canceled() => {
                         return Err(format!("the watch of the key was cancelled: {}", r.cancel_reason()));
                     }
                     Ok(Some(r)) => {
                         for event in r.events() {
-                            self.someone_else_wrote(&mut client, lease, event).await?;
+                            // The owner's own writes, and changes older than
+                            // its last write, are passed over.
+                            let Some(kv) = event.kv() else { continue };
+                            if self.written.is_some_and(|written| kv.mod_revision() <= written) {
+                                continue;
+                            }
+                            let change = match event.event_type() {
+                                EventType::Put => Change::Put(kv),
+                                EventType::Delete => Change::Deleted,
+                            };
+                            let answer = self.someone_else_wrote(&mut client, lease, change);
+                            guarded(keepalive.as_mut(), answer).await?;
                         }
                     }
                     Ok(None) => return Err("the watch of the key closed".into()),
@@ -518,24 +696,16 @@ impl Owner {
         }
     }
 
-    /// Answers a change to the key made by someone else (the owner's own
-    /// writes, and changes older than its last write, are passed over).
+    /// Answers a change to the key made by someone else.
     async fn someone_else_wrote(
         &mut self,
         client: &mut Client,
         lease: i64,
-        event: &Event,
+        change: Change<'_>,
     ) -> Result<(), String> {
-        let Some(kv) = event.kv() else { return Ok(()) };
-        if self
-            .written
-            .is_some_and(|written| kv.mod_revision() <= written)
-        {
-            return Ok(());
-        }
         let key = self.key.clone();
-        match event.event_type() {
-            EventType::Put => {
+        match change {
+            Change::Put(kv) => {
                 match self.weight_written_by_others(kv.value()) {
                     Some(Ok(weight)) => {
                         info!(%key, weight, "adopting the weight written in etcd");
@@ -555,7 +725,7 @@ impl Owner {
                 // Under another lease: another process registers the same
                 // instance; it is left be (no tug of war).
             }
-            EventType::Delete => {
+            Change::Deleted => {
                 let still_alive = within(
                     self.options.request_timeout,
                     client.lease_time_to_live(lease, None),
@@ -581,10 +751,63 @@ impl Owner {
     }
 }
 
+/// Keeps a lease alive through the member `keeper` talks to, renewing it
+/// every `renew` (its first renewal was answered on attaching), until a
+/// renewal is not answered within `deadline`, an error comes ("no leader"
+/// among them), the lease is gone or the stream closes; returns which.
+async fn keep_alive(
+    mut keeper: LeaseKeeper,
+    mut responses: LeaseKeepAliveStream,
+    renew: Duration,
+    deadline: Duration,
+) -> String {
+    let mut ticks = tokio::time::interval_at(Instant::now() + renew, renew);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // When the renewal still unanswered was sent.
+    let mut waiting: Option<Instant> = None;
+    loop {
+        let overdue = async {
+            match waiting {
+                Some(sent) => tokio::time::sleep_until(sent + deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = overdue => return format!("no keepalive answer within {deadline:?}"),
+            response = responses.message() => match response {
+                Ok(Some(r)) if r.ttl() > 0 => waiting = None,
+                Ok(Some(_)) => return "the lease expired (requested lease not found)".into(),
+                Ok(None) => return "the keepalive stream closed".into(),
+                Err(e) => return format!("keepalive: {e}"),
+            },
+            _ = ticks.tick(), if waiting.is_none() => {
+                if let Err(e) = keeper.keep_alive().await {
+                    return format!("keepalive: {e}");
+                }
+                waiting = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// `work`, unless the keepalive stops first: a request made while holding
+/// the lease does not hold its renewals up, and a member that stops
+/// answering is left at the keepalive's deadline, not the request's.
+async fn guarded<T>(
+    keepalive: Pin<&mut impl Future<Output = String>>,
+    work: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::select! {
+        biased;
+        why = keepalive => Err(why),
+        done = work => done,
+    }
+}
+
 /// `request` within `timeout`, its error as text.
 async fn within<T>(
     timeout: Duration,
-    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, String> {
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(response)) => Ok(response),
@@ -624,5 +847,36 @@ mod tests {
         assert!(Instance::new("p/", "s", "host:1").validate().is_err());
         assert!(good.clone().with_weight(10_001).validate().is_err());
         assert!(good.with_ttl(Duration::from_secs(1)).validate().is_err());
+    }
+
+    #[test]
+    fn two_missed_renewals_leave_room_before_the_lease_ends() {
+        let request_timeout = Duration::from_secs(5);
+        for secs in [2, 5, 10, 30, 60] {
+            let ttl = Duration::from_secs(secs);
+            let (renew, deadline) = (
+                renew_interval(ttl),
+                keepalive_deadline(ttl, request_timeout),
+            );
+            // The last renewal answered, the member stalls: it is left one
+            // interval and one deadline later, and a second bad member costs
+            // another deadline; a third is still reached in time.
+            let worst = renew + deadline * 2;
+            assert!(worst < ttl, "{ttl:?}: {worst:?}");
+            assert!(deadline >= MIN_KEEPALIVE_DEADLINE && deadline <= request_timeout);
+        }
+        assert_eq!(
+            keepalive_deadline(Duration::from_secs(5), Duration::from_secs(5)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            keepalive_deadline(Duration::from_secs(60), Duration::from_secs(5)),
+            Duration::from_secs(5),
+            "never longer than the request timeout"
+        );
+        assert_eq!(
+            keepalive_deadline(Duration::from_secs(2), Duration::from_millis(100)),
+            MIN_KEEPALIVE_DEADLINE
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Registration against a real etcd: keepalive over several TTLs, coming
 //! back after an outage longer than the TTL, clean and unclean exits, the
 //! admin commands and how the owner answers them, dropping the handle, TLS
-//! and user authentication, and a member that does not answer.
+//! and user authentication, a member that does not answer, and a killed
+//! member passed over with the lease kept. A frozen member is in
+//! `frozen_member.rs`.
 
 use etcd_client::Client;
 use etcd_mesh_registration::{admin, EtcdOptions, EtcdTls, Instance, Registration, State};
@@ -32,6 +34,16 @@ async fn stored(member: &str, key: &str) -> Option<(Vec<u8>, i64)> {
     let response = c.get(key, None).await.ok()?;
     let kv = response.kvs().first()?;
     Some((kv.value().to_vec(), kv.lease()))
+}
+
+/// The key's value, lease and create revision as `member` sees them, if
+/// the key is there (a key deleted and put again has a new create
+/// revision).
+async fn stored_kv(member: &str, key: &str) -> Option<(Vec<u8>, i64, i64)> {
+    let mut c = Client::connect([member], None).await.ok()?;
+    let response = c.get(key, None).await.ok()?;
+    let kv = response.kvs().first()?;
+    Some((kv.value().to_vec(), kv.lease(), kv.create_revision()))
 }
 
 /// The key's lease, if the key is there.
@@ -100,8 +112,19 @@ async fn lost(registration: &Registration) {
     .expect("retrying");
 }
 
+/// Waits until the registration is back after a loss it has been seen
+/// to take ([`lost`]): under the same lease if that outlived the loss
+/// (etcd gives the leases it restores on a restart, or that a new leader
+/// takes over, a fresh TTL), else under a new one.
+async fn back(registration: &Registration) -> i64 {
+    registration
+        .registered(DEADLINE)
+        .await
+        .expect("registered again")
+}
+
 /// Waits until the registration holds a lease other than `old`.
-async fn registered_again(registration: &Registration, old: i64) -> i64 {
+async fn registered_under_a_new_lease(registration: &Registration, old: i64) -> i64 {
     let mut states = registration.watch_state();
     wait_for("a registration under a new lease", DEADLINE, || {
         let state = states.borrow_and_update().clone();
@@ -123,12 +146,12 @@ async fn an_outage_longer_than_the_ttl_is_survived() {
     let instance = instance(7002);
     let key = instance.key();
     let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
-    let first = registration.registered(DEADLINE).await.expect("registered");
+    registration.registered(DEADLINE).await.expect("registered");
     let restarted = outage_longer_than_the_ttl(&mut etcd, &registration).await;
-    registered_again(&registration, first).await;
+    back(&registration).await;
     let back_after = restarted.elapsed();
     println!("registered again {back_after:?} after etcd came back");
-    // And it stays: kept alive, not a leftover of the old lease.
+    // And it stays: kept alive, not a leftover of a lease left to expire.
     let until = Instant::now() + TTL * 2;
     while Instant::now() < until {
         assert!(
@@ -262,7 +285,7 @@ async fn set_weight_and_drain_keep_the_lease_and_refuse_garbage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_member_is_passed_over_for_the_next() {
+async fn a_killed_member_is_passed_over_for_the_next_keeping_the_lease() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cluster = EtcdCluster::start(dir.path(), 3)
         .await
@@ -270,21 +293,49 @@ async fn a_killed_member_is_passed_over_for_the_next() {
     let endpoints = cluster.endpoints();
     let instance = instance(7004);
     let key = instance.key();
-    let registration = Registration::start(endpoints.clone(), instance).expect("valid");
+    // Through the first member, chosen rather than left to chance.
+    let mut options = EtcdOptions::new(endpoints.clone());
+    options.first_member = 0;
+    let registration = Registration::start_with(options, instance).expect("valid");
     let first = registration.registered(DEADLINE).await.expect("registered");
-    // The first member is the one it talks to first.
+    let first_member = format!("http://{}", endpoints[0]);
+    assert_eq!(registration.current_member(), Some(first_member.clone()));
+    let created = stored_kv(&endpoints[1], &key).await.expect("stored").2;
     cluster.members[0].kill();
-    let second = registered_again(&registration, first).await;
-    // Kept alive through the others for longer than the TTL.
+    let killed = Instant::now();
+    wait_for(
+        "the lease kept alive through another member",
+        DEADLINE,
+        || async {
+            let member = registration.current_member()?;
+            (member != first_member).then_some(member)
+        },
+    )
+    .await
+    .expect("moved to another member");
+    println!(
+        "kept alive through another member {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(
+        registration.state(),
+        State::Registered { lease: first },
+        "the same lease, not a new one"
+    );
+    // Kept alive through the others for longer than the TTL, never put
+    // again: the key created once, under the first lease.
     let until = Instant::now() + TTL * 3;
     while Instant::now() < until {
         assert_eq!(
-            stored(&endpoints[1], &key).await.map(|(_, lease)| lease),
-            Some(second),
-            "the key lapsed"
+            stored_kv(&endpoints[1], &key)
+                .await
+                .map(|(_, lease, c)| (lease, c)),
+            Some((first, created)),
+            "the key lapsed or was put again"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(registration.state(), State::Registered { lease: first });
     registration.deregister().await;
     assert_eq!(stored(&endpoints[2], &key).await, None);
 }
@@ -296,7 +347,7 @@ async fn an_operators_weight_outlives_an_outage_longer_than_the_ttl() {
     let instance = instance(7005);
     let key = instance.key();
     let registration = Registration::start(vec![etcd.endpoint()], instance).expect("valid");
-    let first = registration.registered(DEADLINE).await.expect("registered");
+    registration.registered(DEADLINE).await.expect("registered");
     admin::set_weight(&mut client(&etcd).await, &key, 9)
         .await
         .expect("set-weight");
@@ -306,7 +357,7 @@ async fn an_operators_weight_outlives_an_outage_longer_than_the_ttl() {
     .await
     .expect("adopted");
     outage_longer_than_the_ttl(&mut etcd, &registration).await;
-    let second = registered_again(&registration, first).await;
+    let second = back(&registration).await;
     assert_eq!(
         weight_and_lease(&etcd, &key).await,
         Some((9, second)),
@@ -334,7 +385,7 @@ async fn a_drained_instance_stays_drained_through_an_outage_longer_than_the_ttl(
     .expect("kept drained");
     assert_eq!(registration.weight(), 0);
     outage_longer_than_the_ttl(&mut etcd, &registration).await;
-    let second = registered_again(&registration, first).await;
+    let second = back(&registration).await;
     assert_eq!(
         weight_and_lease(&etcd, &key).await,
         Some((0, second)),
@@ -417,7 +468,10 @@ async fn a_weight_set_while_the_owner_was_cut_off_is_adopted() {
         .await
         .expect("set-weight while the owner is away");
     link.mend();
-    let second = registered_again(&registration, first).await;
+    let second = back(&registration).await;
+    // Cut off for far less than the TTL: the lease is kept alive again,
+    // not replaced, and the change made meanwhile is caught up with.
+    assert_eq!(second, first, "the same lease after a short cut");
     assert_eq!(weight_and_lease(&etcd, &key).await, Some((7, second)));
     assert_eq!(registration.weight(), 7);
 
@@ -430,7 +484,8 @@ async fn a_weight_set_while_the_owner_was_cut_off_is_adopted() {
         .expect("set-weight while the owner is away");
     registration.set_weight(4).expect("valid weight");
     link.mend();
-    let third = registered_again(&registration, second).await;
+    let third = back(&registration).await;
+    assert_eq!(third, first, "the same lease after a short cut");
     assert_eq!(weight_and_lease(&etcd, &key).await, Some((4, third)));
     registration.deregister().await;
 }
@@ -472,7 +527,7 @@ async fn a_revoked_lease_is_a_loss_not_a_drain() {
         .lease_revoke(first)
         .await
         .expect("revoke");
-    let second = registered_again(&registration, first).await;
+    let second = registered_under_a_new_lease(&registration, first).await;
     assert_eq!(weight_and_lease(&etcd, &key).await, Some((3, second)));
     registration.deregister().await;
 }
