@@ -46,8 +46,8 @@ run: build
 # Unit tests, then end-to-end tests against real etcd and Envoy.
 test: wasm console
 	@$(ETCD_MESH_ENVOY) --version | grep .
-	@# The end-to-end tests SIGKILL real backend processes.
-	$(CARGO) build -p etcd-mesh-demo --bin demo-backend
+	@# The end-to-end tests SIGKILL (and SIGSTOP) real backend and sync-server processes.
+	$(CARGO) build -p etcd-mesh-demo --bin demo-backend -p sync-server --bin sync-server
 	$(CARGO) test --workspace
 
 # The routing, plugin, gRPC, delta and health suites on every Envoy of ENVOY_MATRIX (the

@@ -47,7 +47,8 @@ pub struct EnvoyOptions {
     /// Let the ORIGINAL_DST cluster obey `x-envoy-original-dst-host` (for a
     /// router configured with `"host_override": "header"`).
     pub header_override: bool,
-    /// The poller's configuration JSON, if not the template's.
+    /// The poller's configuration JSON, if not the template's;
+    /// `{{SYNC_CLUSTER_NAMES}}` in it becomes the replicas' cluster list.
     pub poller_config: Option<String>,
 }
 
@@ -68,7 +69,7 @@ impl Default for EnvoyOptions {
 /// The router configuration as the template writes it.
 const TEMPLATE_ROUTER_CONFIG: &str = r#"'{"role": "router"}'"#;
 /// The poller configuration as the template writes it.
-const TEMPLATE_POLLER_CONFIG: &str = r#"'{"role": "poller", "cluster": "etcd_mesh_sync", "authority": "sync-server", "wait_seconds": 30}'"#;
+const TEMPLATE_POLLER_CONFIG: &str = r#"'{"role": "poller", "clusters": {{SYNC_CLUSTER_NAMES}}, "authority": "sync-server", "wait_seconds": 30}'"#;
 
 /// Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`.
 #[derive(Debug)]
@@ -99,6 +100,35 @@ pub fn lb_endpoints_yaml(addrs: &[SocketAddr]) -> String {
     format!("[{}]", endpoints.join(", "))
 }
 
+/// The name of the Envoy cluster of sync-server replica `i`.
+pub fn sync_cluster_name(i: usize) -> String {
+    format!("etcd_mesh_sync_{i}")
+}
+
+/// One STATIC Envoy cluster per sync-server replica (the plugin follows
+/// one and fails over itself), as YAML list items of `clusters:`.
+pub fn sync_clusters_yaml(sync_servers: &[SocketAddr]) -> String {
+    sync_servers
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let name = sync_cluster_name(i);
+            format!(
+                "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints: {}\n",
+                lb_endpoints_yaml(std::slice::from_ref(addr))
+            )
+        })
+        .collect()
+}
+
+/// The poller's `clusters` value: a JSON list of the replicas' clusters.
+pub fn sync_cluster_names_json(replicas: usize) -> String {
+    let names: Vec<String> = (0..replicas)
+        .map(|i| format!("\"{}\"", sync_cluster_name(i)))
+        .collect();
+    format!("[{}]", names.join(", "))
+}
+
 /// Fills in the template's placeholders.
 pub fn render_envoy_config(
     template: &str,
@@ -107,13 +137,16 @@ pub fn render_envoy_config(
     sync_servers: &[SocketAddr],
     wasm: &Path,
 ) -> String {
-    let endpoints = lb_endpoints_yaml(sync_servers);
     template
+        .replace("{{SYNC_CLUSTERS}}\n", &sync_clusters_yaml(sync_servers))
+        .replace(
+            "{{SYNC_CLUSTER_NAMES}}",
+            &sync_cluster_names_json(sync_servers.len()),
+        )
         .replace("{{LISTEN_ADDRESS}}", &listen.ip().to_string())
         .replace("{{LISTEN_PORT}}", &listen.port().to_string())
         .replace("{{ADMIN_ADDRESS}}", &admin.ip().to_string())
         .replace("{{ADMIN_PORT}}", &admin.port().to_string())
-        .replace("{{SYNC_ENDPOINTS}}", &endpoints)
         .replace("{{WASM_PATH}}", &wasm.display().to_string())
 }
 
@@ -130,7 +163,11 @@ impl Envoy {
         if !wasm.exists() {
             return Err(format!("no plugin at {}: run `make build`", wasm.display()));
         }
-        let template = std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
+        let mut template =
+            std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
+        if let Some(poller) = &options.poller_config {
+            template = template.replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
+        }
         // A port picked here was free when picked, not necessarily when Envoy
         // binds it (an outgoing connection can take it in between): then
         // Envoy exits at once, and fresh ports are picked.
@@ -143,9 +180,6 @@ impl Envoy {
                 render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
             if let Some(router) = &options.router_config {
                 rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
-            }
-            if let Some(poller) = &options.poller_config {
-                rendered = rendered.replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
             }
             if options.header_override {
                 rendered = rendered.replace("use_http_header: false", "use_http_header: true");

@@ -158,7 +158,7 @@ async fn a_thousand_changes_through_restarts_end_with_the_tables_of_a_full_snaps
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_envoy_receives_only_its_services() {
     let poller = format!(
-        r#"{{"role": "poller", "cluster": "etcd_mesh_sync", "authority": "sync-server", "wait_seconds": 30, "services": ["{DEMO_SERVICE}"]}}"#
+        r#"{{"role": "poller", "clusters": {{{{SYNC_CLUSTER_NAMES}}}}, "authority": "sync-server", "wait_seconds": 30, "services": ["{DEMO_SERVICE}"]}}"#
     );
     let mesh = Mesh::start_with(EnvoyOptions {
         poller_config: Some(poller),

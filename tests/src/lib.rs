@@ -412,3 +412,117 @@ pub fn assert_split(
         );
     }
 }
+
+/// A `sync-server` process (built by `make test`): a replica a test can
+/// SIGKILL, freeze with SIGSTOP, or cut off from its etcd member.
+pub struct SyncServerProcess {
+    pub addr: SocketAddr,
+    proc: etcd_mesh_demo::stack::Proc,
+    _dir: TempDir,
+}
+
+impl SyncServerProcess {
+    /// Starts one on a free port over `etcd`, watching the demo prefix,
+    /// with `extra` arguments, and waits until it is ready.
+    pub async fn start(etcd: &[String], extra: &[&str]) -> SyncServerProcess {
+        let binary = etcd_mesh_demo::stack::workspace_root().join("target/debug/sync-server");
+        assert!(
+            binary.exists(),
+            "no {}: `make test` builds it (cargo build -p sync-server --bin sync-server)",
+            binary.display()
+        );
+        let dir = tempfile::tempdir().expect("temporary dir");
+        for _ in 0..3 {
+            let port = etcd_mesh_demo::stack::free_port().expect("a free port");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let mut command = std::process::Command::new(&binary);
+            command
+                .args(["--etcd", &etcd.join(","), "--listen", &addr.to_string()])
+                .args(["--watch", &format!("etcd-naming={DEMO_PREFIX}")])
+                .args(extra)
+                .env("RUST_LOG", "info");
+            let mut proc = etcd_mesh_demo::stack::Proc::spawn(
+                "sync-server",
+                command,
+                dir.path().join(format!("sync-server-{port}.log")),
+            )
+            .expect("sync-server starts");
+            let deadline = std::time::Instant::now() + DEADLINE;
+            let ready = loop {
+                if proc.exited() {
+                    break Ok(false);
+                }
+                if matches!(http_get(addr, "/readyz").await, Ok((200, _))) {
+                    break Ok(true);
+                }
+                if std::time::Instant::now() >= deadline {
+                    break Err(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            match ready {
+                Ok(true) => {
+                    return SyncServerProcess {
+                        addr,
+                        proc,
+                        _dir: dir,
+                    }
+                }
+                // Its port was taken between the pick and the bind: again.
+                Ok(false) if proc.log_tail(5).contains("in use") => continue,
+                _ => panic!("sync-server did not start:\n{}", proc.log_tail(20)),
+            }
+        }
+        panic!("no free port for sync-server after 3 tries");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// SIGKILL: its connections are reset at once.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// A number from its `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<u64> {
+        let (_, body) = http_get(self.addr, "/metrics").await.ok()?;
+        prometheus_value(&body, name)
+    }
+
+    /// Its `/v1/status`.
+    pub async fn status(&self) -> Option<etcd_mesh_wire::Status> {
+        let (status, body) = http_get(self.addr, "/v1/status").await.ok()?;
+        (status == 200)
+            .then(|| etcd_mesh_wire::Status::decode(body.as_bytes()).ok())
+            .flatten()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+}
+
+/// SIGSTOP until dropped (then SIGCONT): a process that hangs rather than
+/// dies, with its sockets open.
+pub struct Frozen(u32);
+
+impl Frozen {
+    pub fn freeze(pid: u32) -> Frozen {
+        signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
+}
