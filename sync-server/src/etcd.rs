@@ -45,7 +45,9 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
-const MAX_RETRY: Duration = Duration::from_secs(5);
+// Short: a failing round costs a connection attempt, and a replica must
+// catch up within a couple of seconds of etcd coming back.
+const MAX_RETRY: Duration = Duration::from_secs(1);
 
 /// The default of `--freshness-timeout`.
 pub const DEFAULT_FRESHNESS_TIMEOUT: Duration = Duration::from_secs(5);
