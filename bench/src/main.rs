@@ -7,6 +7,7 @@
 
 mod cost;
 mod health;
+mod replicas;
 mod report;
 mod scale;
 mod traffic;
@@ -83,9 +84,18 @@ struct Cli {
     /// Run only the health-check section and keep the other figures.
     #[arg(long, conflicts_with_all = ["scale_only", "cost_only"])]
     health_only: bool,
+    /// Rounds of the replica runs (layouts side by side in each).
+    #[arg(long, default_value_t = 5)]
+    replica_rounds: usize,
+    /// Seconds each layout is watched on the quiet registry.
+    #[arg(long, default_value_t = 10)]
+    replica_window_s: u64,
+    /// Run only the replicas section and keep the other figures.
+    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only"])]
+    replicas_only: bool,
     /// Measure nothing: write RESULTS.md anew from results.json (its
     /// figures and the *before* each section keeps).
-    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only"])]
+    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only", "replicas_only"])]
     report_only: bool,
     /// Where the results go.
     #[arg(long, default_value = "bench")]
@@ -114,7 +124,21 @@ async fn main() -> anyhow::Result<()> {
         latency_calls: cli.latency_calls,
         latency_rps: cli.latency_rps,
     };
-    let health = if cli.cost_only || cli.scale_only {
+    let partial = cli.cost_only || cli.scale_only || cli.health_only || cli.replicas_only;
+    let replicas = if partial && !cli.replicas_only {
+        last["replicas"].clone()
+    } else {
+        let replicas = replicas::run(&replicas::ReplicaOptions {
+            rounds: cli.replica_rounds,
+            services: 200,
+            window_s: cli.replica_window_s,
+            cycles: 10,
+        })
+        .await?;
+        eprintln!("replicas done");
+        replicas
+    };
+    let health = if partial && !cli.health_only {
         last["health"].clone()
     } else {
         let health = health::run(&health::HealthOptions {
@@ -130,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
     let (cost, propagation, split) = if cli.cost_only {
         let cost = cost::run(&cost_options).await?;
         (cost, last["propagation"].clone(), last["split"].clone())
-    } else if cli.scale_only || cli.health_only {
+    } else if partial {
         (
             last["cost"].clone(),
             last["propagation"].clone(),
@@ -145,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("split done");
         (cost, propagation, split)
     };
-    let scale = if cli.cost_only || cli.health_only {
+    let scale = if partial && !cli.scale_only {
         last["scale"].clone()
     } else {
         scale::run(&scale::ScaleOptions {
@@ -169,13 +193,13 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
-    let partial = cli.cost_only || cli.scale_only || cli.health_only;
     let measured_now = [
-        ("cost", !cli.scale_only && !cli.health_only),
+        ("cost", !partial || cli.cost_only),
         ("propagation", !partial),
         ("split", !partial),
-        ("scale", !cli.cost_only && !cli.health_only),
-        ("health", !cli.cost_only && !cli.scale_only),
+        ("scale", !partial || cli.scale_only),
+        ("health", !partial || cli.health_only),
+        ("replicas", !partial || cli.replicas_only),
     ];
     let mut measured = serde_json::Map::new();
     let mut before = serde_json::Map::new();
@@ -205,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
         "split": split,
         "scale": scale,
         "health": health,
+        "replicas": replicas,
     });
     std::fs::create_dir_all(&cli.out)?;
     std::fs::write(

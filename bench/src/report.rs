@@ -129,6 +129,7 @@ pub fn markdown(r: &Value, b: &Value) -> String {
     );
     md += &scale_section(&r["scale"], &b["scale"]);
     md += &health_section(&r["health"]);
+    md += &replicas_section(&r["replicas"]);
     md
 }
 
@@ -389,5 +390,63 @@ fn health_section(h: &Value) -> String {
         num(&c["peak_rss_mib_with_checks"], 0),
         num(&c["peak_rss_mib_without"], 0),
     );
+    md
+}
+
+/// The Replicas section: the recommended layout beside the one it
+/// replaced, and one replica beside two, in the same rounds.
+fn replicas_section(r: &Value) -> String {
+    if r.is_null() {
+        return String::new();
+    }
+    let spread = |v: &Value, digits: usize| {
+        format!(
+            "{} ({}–{})",
+            num(&v["median"], digits),
+            num(&v["min"], digits),
+            num(&v["max"], digits)
+        )
+    };
+    let q = &r["quiet"];
+    let mut md = format!(
+        "\n## Replicas\n\nTwo sync-server replicas over a quiet registry of {} services, \
+         two Envoys watched over the same {} s in each of {} rounds: one with a cluster per \
+         replica (the poller follows one; the layout `docs/operations.md` recommends), one \
+         with one cluster over both (Envoy picks the replica of every poll: the layout before).\n\n\
+         | layout | full loads per Envoy per minute, median (min–max) |\n|---|---|\n\
+         | a cluster per replica | {} |\n| one cluster over both (before) | {} |\n",
+        q["services"],
+        q["window_s"],
+        q["rounds"],
+        spread(&q["full_loads_per_minute_replica_clusters"], 0),
+        spread(&q["full_loads_per_minute_one_cluster"], 0),
+    );
+    let p = &r["propagation"];
+    md += "\nA change reaching traffic (put → first call, delete or drain → last call), \
+           one replica and two, alternating in each round:\n\n\
+           | replicas | changes | p50 | p99 | max |\n|---|---|---|---|---|\n";
+    for (name, key) in [("one", "one_replica"), ("two", "two_replicas")] {
+        let v = &p[key];
+        md += &format!(
+            "| {name} | {} | {} ms | {} ms | {} ms |\n",
+            v["changes"],
+            num(&v["p50_ms"], 1),
+            num(&v["p99_ms"], 1),
+            num(&v["max_ms"], 1),
+        );
+    }
+    let f = &r["failover"];
+    md += "\nThe replica the Envoy follows fails (two replicas, real processes): how long \
+           until a change made at that moment is held, and the full loads it took.\n\n\
+           | failure | rounds | change held after, ms, median (min–max) | full loads, median (min–max) |\n|---|---|---|---|\n";
+    for (name, key) in [("SIGKILL", "sigkill"), ("SIGSTOP (hangs)", "sigstop")] {
+        let v = &f[key];
+        md += &format!(
+            "| {name} | {} | {} | {} |\n",
+            v["rounds"],
+            spread(&v["change_held_after_ms"], 0),
+            spread(&v["full_loads"], 0),
+        );
+    }
     md
 }

@@ -68,11 +68,21 @@ pub async fn propagation(cycles: usize) -> anyhow::Result<Value> {
 /// The same on a mesh that may hold other registrations (a large registry).
 pub async fn propagation_on(mesh: &Mesh, cycles: usize) -> anyhow::Result<Value> {
     let _base = mesh.weighted_backends(&[1]).await;
+    let client = mesh.clients(1).await.remove(0);
+    changes_to_traffic(client, mesh.etcd_endpoints(), cycles).await
+}
+
+/// The same through `client`'s Envoy, which already routes the demo
+/// service, with the changes made in the etcd at `etcd`.
+pub async fn changes_to_traffic(
+    mut client: EchoClient,
+    etcd: Vec<String>,
+    cycles: usize,
+) -> anyhow::Result<Value> {
     let extra = Backend::unregistered().await;
     let target = extra.addr.to_string();
     let extra_addr = extra.addr;
-    let etcd = Client::connect(mesh.etcd_endpoints(), None).await?;
-    let mut client = mesh.clients(1).await.remove(0);
+    let etcd = Client::connect(etcd, None).await?;
     let (mut appear, mut vanish) = (Vec::new(), Vec::new());
     for _ in 0..cycles {
         for (weight, appears) in [
