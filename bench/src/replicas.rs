@@ -233,7 +233,7 @@ async fn failover(rounds: usize) -> anyhow::Result<Value> {
             let dir = tempfile::tempdir()?;
             let etcd = Etcd::start(dir.path()).await.map_err(anyhow::Error::msg)?;
             let members = vec![etcd.endpoint()];
-            let mut replicas = vec![
+            let mut replicas = [
                 SyncServerProcess::start(&members, &[]).await,
                 SyncServerProcess::start(&members, &[]).await,
             ];
