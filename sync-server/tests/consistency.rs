@@ -335,3 +335,56 @@ async fn malformed_registrations_are_rejected_listed_and_counted() {
     );
     server.shutdown().await;
 }
+
+/// The epoch and revision of `/v1/status`.
+async fn status(server: &Server) -> etcd_mesh_wire::Status {
+    let (code, body) = http_get(server.addr, "/v1/status").await.expect("GET");
+    assert_eq!(code, 200, "{body}");
+    etcd_mesh_wire::Status::decode(body.as_bytes()).expect("a status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_backup_is_served_under_a_new_epoch_not_as_the_old_tables() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let mut c = client(&etcd).await;
+    c.put("svc/s/a", naming("127.0.0.1:40001", 1), None)
+        .await
+        .expect("put");
+    let backup = dir.path().join("backup.db");
+    etcd.save_snapshot(&backup).expect("backup");
+    for port in 40002..40006 {
+        let addr = format!("127.0.0.1:{port}");
+        c.put(format!("svc/s/{addr}"), naming(&addr, 1), None)
+            .await
+            .expect("put");
+    }
+    let running = Server::start(config(&etcd, &["etcd-naming=svc/"])).await;
+    running.ready().await;
+    let before = running
+        .until("every key", |s| addrs(s, "s").len() == 5)
+        .await;
+    let epoch = status(&running).await.epoch;
+
+    etcd.restore(&backup).await.expect("restored");
+    let restored = running
+        .until("the restored registry", |s| {
+            addrs(s, "s").len() == 1 && !s.stale
+        })
+        .await;
+    assert!(restored.revision < before.revision, "revisions went back");
+    let now = status(&running).await;
+    assert_eq!(
+        now.epoch,
+        format!("{epoch}-restored{}", restored.revision),
+        "a new epoch: the old revisions name other content"
+    );
+    assert_eq!(running.metric("sync_server_etcd_restores_total").await, 1);
+
+    // A replica started after the restore serves the same registry.
+    let fresh = Server::start(config(&etcd, &["etcd-naming=svc/"])).await;
+    fresh.ready().await;
+    let served = fresh.snapshot().await;
+    assert_eq!(served.services, restored.services);
+    assert_eq!(status(&fresh).await.epoch, epoch, "it cannot tell");
+}

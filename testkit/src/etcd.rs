@@ -167,12 +167,12 @@ impl Etcd {
         self.client.to_string()
     }
 
-    /// Kills etcd (SIGKILL), keeping its data.
     /// The member's process id while it runs (to freeze it with SIGSTOP).
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
     }
 
+    /// Kills etcd (SIGKILL), keeping its data.
     pub fn kill(&mut self) {
         self.proc = None;
     }
@@ -180,6 +180,38 @@ impl Etcd {
     /// Starts it again on the same ports and data.
     pub async fn restart(&mut self) -> Result<(), String> {
         self.kill();
+        self.launch().await
+    }
+
+    /// Saves a backup of a single member's data to `path`.
+    pub fn save_snapshot(&self, path: &Path) -> Result<(), String> {
+        let path = path.to_str().ok_or("a non-UTF-8 path")?;
+        let endpoint = self.endpoint();
+        etcdctl(&["--endpoints", &endpoint, "snapshot", "save", path])
+    }
+
+    /// Replaces a single member's data by the backup at `snapshot` and
+    /// starts it again on the same ports: the same cluster ID (same name,
+    /// peer URL and cluster token), revisions back to the backup's.
+    pub async fn restore(&mut self, snapshot: &Path) -> Result<(), String> {
+        self.kill();
+        let data = self.dir.join(format!("etcd-data-{}", self.name));
+        std::fs::remove_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+        let peer = format!("http://{}", self.peer);
+        let cluster = format!("{}={peer}", self.name);
+        etcdctl(&[
+            "snapshot",
+            "restore",
+            snapshot.to_str().ok_or("a non-UTF-8 path")?,
+            "--name",
+            &self.name,
+            "--initial-cluster",
+            &cluster,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--data-dir",
+            data.to_str().ok_or("a non-UTF-8 path")?,
+        ])?;
         self.launch().await
     }
 
@@ -310,5 +342,23 @@ impl EtcdCluster {
     /// Every member's `host:port`.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(Etcd::endpoint).collect()
+    }
+}
+
+/// Runs `etcdctl` (API v3) to the end.
+fn etcdctl(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run etcdctl: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "etcdctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }
