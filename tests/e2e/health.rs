@@ -303,3 +303,44 @@ async fn calls_stay_in_the_zone_and_spill_by_weight_when_it_has_none() {
         "by weight 1:2: {counts:?}"
     );
 }
+
+/// After etcd restarts with no write, sync-server lists it again at the
+/// revision it already serves; health seen after that is published at
+/// once, not held back until some unrelated write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_changes_after_etcd_comes_back_without_a_write_are_published() {
+    let mut mesh = Mesh::start_configured(options(NO_EJECTION), health_checked).await;
+    let backends = mesh.weighted_backends(&[1, 1]).await;
+    let envoys = [&mesh.envoy];
+    wait_served(&mesh, &envoys, "both healthy", all_healthy).await;
+    let revision = mesh.snapshot().await.expect("snapshot").revision;
+    let restarts = mesh
+        .sync_metric("sync_server_sync_restarts_total")
+        .await
+        .unwrap_or(0);
+
+    mesh.etcd.kill();
+    mesh.etcd.restart().await.expect("etcd restarts");
+    wait_for("sync-server to list etcd again", DEADLINE, || async {
+        let listed = mesh.sync_metric("sync_server_sync_restarts_total").await? > restarts
+            && mesh.sync_metric("sync_server_etcd_connected").await? == 1;
+        listed.then_some(())
+    })
+    .await
+    .expect("listed again");
+
+    let drained = backends[0].addr.to_string();
+    backends[0].set_serving(false);
+    let started = Instant::now();
+    wait_served(&mesh, &envoys, "NOT_SERVING published", |e| {
+        health_of(e, &drained) == Some(Health::NotServing)
+    })
+    .await;
+    let took = started.elapsed();
+    let snapshot = mesh.snapshot().await.expect("snapshot");
+    assert_eq!(snapshot.revision, revision, "no etcd write happened");
+    assert!(
+        took < INTERVAL * 4,
+        "published {took:?} after the change, within a few check intervals"
+    );
+}
