@@ -117,7 +117,26 @@ async function watchReadiness() {
     } catch {
       setState("ready", "unreachable", false);
     }
+    await showFreshness();
     await sleep(READY_EVERY_MS);
+  }
+}
+
+// How recently sync-server proved contact with the etcd majority
+// (/v1/status): a long-poll is not answered when that goes stale, so it is
+// asked here, on the readiness beat.
+async function showFreshness() {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  try {
+    const response = await fetch("/v1/status", { headers, cache: "no-store" });
+    if (!response.ok) return;
+    const status = await response.json();
+    const age = status.proof_age_ms;
+    const proven = age === undefined ? "never proven" : `proven ${(age / 1000).toFixed(1)} s ago`;
+    setState("freshness", `${status.stale ? "stale" : "fresh"}, ${proven}`, !status.stale);
+    setState("stale", status.stale ? "stale (last known)" : "fresh", !status.stale);
+  } catch {
+    setState("freshness", "unknown", false);
   }
 }
 

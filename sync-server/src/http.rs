@@ -406,6 +406,7 @@ async fn status(State(state): State<AppState>) -> Response {
         health_seq: current.as_ref().map_or(0, |c| c.health_seq),
         stale: current.as_ref().is_none_or(|c| c.stale),
         ready: state.publisher.synced(),
+        proof_age_ms: state.metrics.proof_age().map(|age| age.as_millis() as u64),
     };
     let mut response = Response::new(Body::from(status.encode()));
     set_headers(&mut response, None);

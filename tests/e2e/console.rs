@@ -381,6 +381,24 @@ async fn checks(
             .expect("a live endpoint shows healthy");
     }
 
+    // Freshness: when sync-server last proved contact with the etcd majority.
+    let shown = Instant::now();
+    loop {
+        let freshness = text(
+            &client,
+            "return document.getElementById('freshness').textContent",
+        )
+        .await;
+        if freshness.starts_with("fresh, proven ") && freshness.ends_with(" s ago") {
+            break;
+        }
+        assert!(
+            shown.elapsed() < Duration::from_secs(10),
+            "freshness shows {freshness:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The pick strip of weights 5,1,1 is the plugin's smooth sequence.
     let picks = text(
         &client,

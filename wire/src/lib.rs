@@ -307,6 +307,10 @@ pub struct Status {
     pub stale: bool,
     /// False until the first full listing from etcd.
     pub ready: bool,
+    /// How long ago contact with the etcd majority was last proven (a
+    /// listing or a quorum read answered); absent before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_age_ms: Option<u64>,
 }
 
 impl Status {
