@@ -56,9 +56,19 @@ async fn write(endpoint: &str, addr: SocketAddr, put: bool) -> u64 {
         let attempt = async {
             let mut client = Client::connect([endpoint], None).await.ok()?;
             let header = if put {
-                client.put(instance.key(), instance.value(), None).await.ok()?.header().cloned()
+                client
+                    .put(instance.key(), instance.value(), None)
+                    .await
+                    .ok()?
+                    .header()
+                    .cloned()
             } else {
-                client.delete(instance.key(), None).await.ok()?.header().cloned()
+                client
+                    .delete(instance.key(), None)
+                    .await
+                    .ok()?
+                    .header()
+                    .cloned()
             };
             header.map(|h| h.revision() as u64)
         };
@@ -85,8 +95,8 @@ fn poller(wait_seconds: u32) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_beside_a_member_cut_from_the_majority_is_left_and_nothing_deregistered_is_called()
-{
+async fn a_replica_beside_a_member_cut_from_the_majority_is_left_and_nothing_deregistered_is_called(
+) {
     let net = Net::new().expect("network namespaces");
     let dir = tempfile::tempdir().expect("temporary dir");
     let etcd = NetEtcd::start(&net, dir.path(), 3).await.expect("etcd");
@@ -163,7 +173,11 @@ async fn a_replica_beside_a_member_cut_from_the_majority_is_left_and_nothing_der
     );
     assert!(stale_after <= Duration::from_secs(6), "{stale_after:?}");
     assert!(stopped <= Duration::from_secs(10), "{stopped:?}");
-    assert_eq!(stat(&envoy, "sync_replica").await, 1, "on the majority side");
+    assert_eq!(
+        stat(&envoy, "sync_replica").await,
+        1,
+        "on the majority side"
+    );
 
     for other in 1..3 {
         net.heal_pair(etcd.member_host(0), etcd.member_host(other))
