@@ -521,6 +521,7 @@ mod tests {
             health_seq: 0,
             stale,
             ready: true,
+            proof_age_ms: None,
         }
     }
 
