@@ -242,7 +242,8 @@ impl Default for RouterConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
-    /// Failures in a row (connect failure, reset, `UNAVAILABLE`) that eject.
+    /// Failures in a row (connect failure, reset, `UNAVAILABLE`) that eject
+    /// (a connect failure alone does with `eject_on_connect_failure`).
     pub consecutive_failures: u32,
     /// The first ejection's length; the n-th lasts n times as long.
     pub base_ejection_ms: u64,
@@ -251,6 +252,37 @@ pub struct OutlierConfig {
     /// The most of a service's endpoints that may be out at once (at least
     /// one may always be, if the service has two or more).
     pub max_ejection_percent: u32,
+    /// A connect failure (refused, or `connect_timeout` passed: Envoy's
+    /// `UF`) ejects the endpoint at once, for every worker, instead of
+    /// counting towards `consecutive_failures`; still within
+    /// `max_ejection_percent`.
+    #[serde(deserialize_with = "eject_on_connect_failure")]
+    pub eject_on_connect_failure: bool,
+    /// A connection lost under a call before any response (Envoy's `UC`:
+    /// the backend died mid-call, or the HTTP/2 keepalive found it
+    /// unreachable) ejects at once too. Off: a healthy backend can lose a
+    /// connection, and then only counts.
+    #[serde(deserialize_with = "eject_on_connection_loss")]
+    pub eject_on_connection_loss: bool,
+}
+
+/// A boolean of `outlier_detection`, whose error names the field (serde's
+/// own names the type only).
+fn flag<'de, D: serde::Deserializer<'de>>(d: D, field: &str) -> Result<bool, D::Error> {
+    use serde::de::Error;
+    bool::deserialize(d).map_err(|e| {
+        D::Error::custom(format!(
+            "`outlier_detection.{field}` must be true or false: {e}"
+        ))
+    })
+}
+
+fn eject_on_connect_failure<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    flag(d, "eject_on_connect_failure")
+}
+
+fn eject_on_connection_loss<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    flag(d, "eject_on_connection_loss")
 }
 
 impl Default for OutlierConfig {
@@ -260,6 +292,8 @@ impl Default for OutlierConfig {
             base_ejection_ms: 30_000,
             max_ejection_ms: 300_000,
             max_ejection_percent: 50,
+            eject_on_connect_failure: true,
+            eject_on_connection_loss: false,
         }
     }
 }
@@ -444,6 +478,12 @@ impl PluginConfig {
                     if outlier.max_ejection_percent > 100 {
                         return Err("`outlier_detection.max_ejection_percent` is above 100".into());
                     }
+                    if outlier.eject_on_connection_loss && !outlier.eject_on_connect_failure {
+                        return Err(
+                            "`outlier_detection.eject_on_connection_loss` needs `eject_on_connect_failure`: a refused connect says more than a lost connection"
+                                .into(),
+                        );
+                    }
                 }
             }
             PluginConfig::Noop(noop) => {
@@ -549,6 +589,34 @@ mod tests {
             (3, 1000)
         );
         assert_eq!(outlier.max_ejection_percent, 50);
+        assert!(outlier.eject_on_connect_failure, "on by default");
+        assert!(!outlier.eject_on_connection_loss, "off by default");
+        let counted = PluginConfig::parse(
+            br#"{"role":"router","outlier_detection":{"eject_on_connect_failure":false}}"#,
+        );
+        let Ok(PluginConfig::Router(counted)) = counted else {
+            panic!("{counted:?}");
+        };
+        assert_eq!(
+            counted.outlier_detection,
+            Some(OutlierConfig {
+                eject_on_connect_failure: false,
+                ..OutlierConfig::default()
+            })
+        );
+        let lost = PluginConfig::parse(
+            br#"{"role":"router","outlier_detection":{"eject_on_connection_loss":true}}"#,
+        );
+        let Ok(PluginConfig::Router(lost)) = lost else {
+            panic!("{lost:?}");
+        };
+        assert_eq!(
+            lost.outlier_detection,
+            Some(OutlierConfig {
+                eject_on_connection_loss: true,
+                ..OutlierConfig::default()
+            })
+        );
         let shaped = PluginConfig::parse(
             br#"{"role":"router","zone":"eu-1","zone_routing":{"min_endpoints":2},
                  "slow_start":{"window_ms":30000,"aggression":2}}"#,
@@ -624,6 +692,12 @@ mod tests {
             (br#"{"role":"router","outlier_detection":{"base_ejection_ms":10,"max_ejection_ms":5}}"#, "base_ejection_ms"),
             (br#"{"role":"router","outlier_detection":{"max_ejection_percent":101}}"#, "max_ejection_percent"),
             (br#"{"role":"router","outlier_detection":{"interval":1}}"#, "interval"),
+            (br#"{"role":"router","outlier_detection":{"eject_on_connect_failure":"yes"}}"#, "eject_on_connect_failure"),
+            (br#"{"role":"router","outlier_detection":{"eject_on_connect_failure":1}}"#, "eject_on_connect_failure"),
+            (br#"{"role":"router","outlier_detection":{"eject_on_connect_failure":null}}"#, "eject_on_connect_failure"),
+            (br#"{"role":"router","outlier_detection":{"eject_on_connect_failures":true}}"#, "eject_on_connect_failures"),
+            (br#"{"role":"router","outlier_detection":{"eject_on_connection_loss":"no"}}"#, "eject_on_connection_loss"),
+            (br#"{"role":"router","outlier_detection":{"eject_on_connection_loss":true,"eject_on_connect_failure":false}}"#, "eject_on_connection_loss"),
             (b"", "EOF"),
         ] {
             let err = PluginConfig::parse(config).expect_err("must be refused");

@@ -6,7 +6,8 @@
 //!
 //! Per call the router makes two host calls: the header that names the
 //! service and the override (filter state or header); a failed call
-//! (a trailers-only reply) adds the read of its `grpc-status`. New tables
+//! (a trailers-only reply) adds the read of its `grpc-status`, and an
+//! `UNAVAILABLE` two property reads that tell a connect failure. New tables
 //! reach a worker through a notice on its own shared queue (and a slow
 //! tick catches a notice missed), never through a check per call, and
 //! everything else happens only when something changed.
@@ -21,7 +22,7 @@ use crate::feed::{
 };
 use crate::filter_state::{original_dst_arguments, support_probes, SET_FILTER_STATE};
 use crate::naming::{service_from_authority, service_from_grpc_path};
-use crate::outlier::{is_failure, Ejections, FailureCounter};
+use crate::outlier::{failure_kind, is_failure, EjectReason, Ejections, FailureCounter, Outcome};
 use crate::replicas::{Call, Replicas, Why};
 use crate::tables::{Pick, WorkerTables};
 use crate::{Version, EJECTIONS_KEY, VERSION_KEY};
@@ -798,16 +799,16 @@ impl WorkerState {
         })
     }
 
-    /// Counts a finished call; ejects its endpoint at the threshold.
-    fn record(&self, outlier: &OutlierConfig, service: &str, addr: &str, failed: bool) {
-        let threshold = outlier.consecutive_failures;
-        if !self
+    /// Counts a finished call; ejects its endpoint at the threshold, or at
+    /// once for a connect failure (or a lost connection) when so configured.
+    fn record(&self, outlier: &OutlierConfig, service: &str, addr: &str, outcome: Outcome) {
+        let Some(reason) = self
             .failures
             .borrow_mut()
-            .record(service, addr, failed, threshold)
-        {
+            .record(service, addr, outcome, outlier)
+        else {
             return;
-        }
+        };
         let (live, ejected) = self.tables.borrow().ejection_room(service);
         let now = now_ms();
         let made = RefCell::new(None);
@@ -819,10 +820,15 @@ impl WorkerState {
         let Some(record) = made.into_inner().filter(|_| matches!(written, Ok(true))) else {
             return;
         };
+        let why = match reason {
+            EjectReason::Failures(n) => format!("{n} failures in a row"),
+            EjectReason::ConnectFailure => "a connect failure".to_owned(),
+            EjectReason::ConnectionLost => "a connection lost before the response".to_owned(),
+        };
         log(
             LogLevel::Warn,
             &format!(
-                "etcd-mesh: ejecting {addr} of {service} for {} ms after {threshold} failures in a row (ejection {})",
+                "etcd-mesh: ejecting {addr} of {service} for {} ms after {why} (ejection {})",
                 record.until_ms.saturating_sub(now),
                 record.times
             ),
@@ -957,8 +963,10 @@ impl HttpContext for RouteCall {
     /// Settles the call for outlier detection. A failure (a connect
     /// failure, a reset, a backend's `UNAVAILABLE`) reaches the filter as a
     /// trailers-only reply, `end_of_stream` on the headers: only then is
-    /// its `grpc-status` read. A reply with a body is a success, known
-    /// without a host call.
+    /// its `grpc-status` read, and for an `UNAVAILABLE`, what Envoy says of
+    /// it (`response.flags`, `response.code_details`), to tell a connect
+    /// failure or a lost connection ([`failure_kind`]) when either ejects at
+    /// once. A reply with a body is a success, known without a host call.
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         let Some((service, addr)) = self.picked.take() else {
             return Action::Continue;
@@ -972,7 +980,25 @@ impl HttpContext for RouteCall {
                 .flatten()
                 .as_deref()
                 .is_some_and(is_failure);
-        self.shared.record(outlier, &service, &addr, failed);
+        let classify = outlier.eject_on_connect_failure || outlier.eject_on_connection_loss;
+        let outcome = if failed && classify {
+            let property = |name: &str| {
+                hostcalls::get_property(vec!["response", name])
+                    .ok()
+                    .flatten()
+            };
+            let flags = property("flags")
+                .and_then(|b| b.get(..8).and_then(|b| b.try_into().ok()))
+                .map(u64::from_le_bytes);
+            let details =
+                property("code_details").map(|b| String::from_utf8_lossy(&b).into_owned());
+            failure_kind(flags, details.as_deref())
+        } else if failed {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        self.shared.record(outlier, &service, &addr, outcome);
         Action::Continue
     }
 }

@@ -8,6 +8,17 @@
 //! ejection of an endpoint lasts n times the base, up to a cap, and at most
 //! a share of a service's endpoints is out at once. Successes cost nothing
 //! beyond resetting a local counter.
+//!
+//! Some failures say more than others ([`failure_kind`]). A connect failure
+//! (refused, or no answer within the cluster's `connect_timeout`) is
+//! definitive: nothing listens there, or nothing is there. With
+//! `eject_on_connect_failure` (the default) it ejects the endpoint at once,
+//! under the same bounds, instead of counting towards the threshold. A
+//! connection lost before the response (the backend died mid-call, or the
+//! HTTP/2 keepalive found it unreachable) ejects at once only with
+//! `eject_on_connection_loss` (off by default: a healthy backend can lose a
+//! connection too). Any other failure — a backend's own `UNAVAILABLE`, a
+//! reset stream — keeps counting.
 
 use crate::config::OutlierConfig;
 use std::collections::HashMap;
@@ -16,9 +27,88 @@ use std::collections::HashMap;
 /// and what a backend that cannot serve says.
 const UNAVAILABLE: &str = "14";
 
+/// Envoy's response flag `UF` (`UpstreamConnectionFailure`), bit 5 of the
+/// `response.flags` property: the upstream connection could not be made
+/// (refused, reset while connecting, or `connect_timeout` passed).
+pub const UPSTREAM_CONNECTION_FAILURE: u64 = 1 << 5;
+
+/// Envoy's response flag `UC` (`UpstreamConnectionTermination`), bit 6 of
+/// `response.flags`: the connection the call was on went away under it.
+pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6;
+
+/// The response code details Envoy gives a call whose upstream failed
+/// before any response: `upstream_reset_before_response_started{<reason>}`
+/// (the reason may be followed by `|<transport failure reason>`).
+const RESET_BEFORE_RESPONSE: &str = "upstream_reset_before_response_started{";
+
 /// Whether a call failed in the outlier sense, from its `grpc-status`.
 pub fn is_failure(grpc_status: &str) -> bool {
     grpc_status.trim() == UNAVAILABLE
+}
+
+/// How a finished call counts for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Anything but an `UNAVAILABLE`.
+    Success,
+    /// An `UNAVAILABLE` from the backend itself, or a reset that says
+    /// nothing of the connection.
+    Failure,
+    /// The connection the call was on went away before any response: the
+    /// backend died mid-call, or the HTTP/2 keepalive closed a connection
+    /// that stopped answering (Envoy's `UC`).
+    ConnectionLost,
+    /// Envoy could not connect to the endpoint at all (Envoy's `UF`).
+    ConnectFailure,
+}
+
+/// Classifies a failed call (`grpc-status` 14) from what Envoy says of it:
+/// its `response.flags` bitmask and its `response.code_details`, either
+/// of which may be missing.
+///
+/// A connect failure is `UF`, or a reset before the response whose reason
+/// is a connection failure (`local_connection_failure`,
+/// `remote_connection_failure`; `connection_failure` before Envoy 1.28) or
+/// a connect timeout (`connection_timeout`). A lost connection is `UC`, or
+/// the reason `connection_termination`. A reply that came from the backend
+/// (`via_upstream`) is a plain failure, whatever its flags.
+pub fn failure_kind(response_flags: Option<u64>, code_details: Option<&str>) -> Outcome {
+    let details = code_details.map(str::trim);
+    if details == Some("via_upstream") {
+        return Outcome::Failure;
+    }
+    let flags = response_flags.unwrap_or(0);
+    let reason = details
+        .and_then(|d| d.strip_prefix(RESET_BEFORE_RESPONSE))
+        .and_then(|rest| rest.split(['|', '}']).next())
+        .unwrap_or_default();
+    if flags & UPSTREAM_CONNECTION_FAILURE != 0
+        || matches!(
+            reason,
+            "local_connection_failure"
+                | "remote_connection_failure"
+                | "connection_failure"
+                | "connection_timeout"
+        )
+    {
+        Outcome::ConnectFailure
+    } else if flags & UPSTREAM_CONNECTION_TERMINATION != 0 || reason == "connection_termination" {
+        Outcome::ConnectionLost
+    } else {
+        Outcome::Failure
+    }
+}
+
+/// Why an endpoint is to be ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EjectReason {
+    /// `consecutive_failures` failures in a row.
+    Failures(u32),
+    /// One connect failure, with `eject_on_connect_failure`.
+    ConnectFailure,
+    /// One connection lost before the response, with
+    /// `eject_on_connection_loss`.
+    ConnectionLost,
 }
 
 /// One worker's failure counts, by service and address.
@@ -28,10 +118,18 @@ pub struct FailureCounter {
 }
 
 impl FailureCounter {
-    /// Records a call's outcome; true when `addr` of `service` just reached
-    /// `threshold`.
-    pub fn record(&mut self, service: &str, addr: &str, failed: bool, threshold: u32) -> bool {
-        if !failed {
+    /// Records a call's outcome; says why `addr` of `service` is to be
+    /// ejected now, if it is: a connect failure (or a lost connection) at
+    /// once when `config` says so, otherwise the failures in a row
+    /// reaching `consecutive_failures`. Either starts the count over.
+    pub fn record(
+        &mut self,
+        service: &str,
+        addr: &str,
+        outcome: Outcome,
+        config: &OutlierConfig,
+    ) -> Option<EjectReason> {
+        if outcome == Outcome::Success {
             // Lookup first: the common path allocates nothing.
             if let Some(count) = self
                 .in_a_row
@@ -40,16 +138,29 @@ impl FailureCounter {
             {
                 *count = 0;
             }
-            return false;
+            return None;
         }
         let by_addr = self.in_a_row.entry(service.to_owned()).or_default();
         let count = by_addr.entry(addr.to_owned()).or_insert(0);
-        *count += 1;
-        if *count >= threshold {
+        let at_once = match outcome {
+            Outcome::ConnectFailure if config.eject_on_connect_failure => {
+                Some(EjectReason::ConnectFailure)
+            }
+            Outcome::ConnectionLost if config.eject_on_connection_loss => {
+                Some(EjectReason::ConnectionLost)
+            }
+            _ => None,
+        };
+        if at_once.is_some() {
             *count = 0;
-            return true;
+            return at_once;
         }
-        false
+        *count += 1;
+        if *count >= config.consecutive_failures {
+            *count = 0;
+            return Some(EjectReason::Failures(config.consecutive_failures));
+        }
+        None
     }
 }
 
@@ -178,24 +289,148 @@ mod tests {
             base_ejection_ms: 1000,
             max_ejection_ms: 5000,
             max_ejection_percent: 50,
+            eject_on_connect_failure: true,
+            eject_on_connection_loss: false,
         }
     }
 
     #[test]
     fn counts_failures_in_a_row() {
+        use Outcome::{Failure, Success};
+        let c = config();
         let mut counter = FailureCounter::default();
-        assert!(!counter.record("s", "a", true, 3));
-        assert!(!counter.record("s", "a", true, 3));
-        assert!(!counter.record("s", "a", false, 3));
-        assert!(!counter.record("s", "a", true, 3));
-        assert!(!counter.record("s", "a", true, 3));
-        assert!(
-            !counter.record("t", "a", true, 3),
+        assert_eq!(counter.record("s", "a", Failure, &c), None);
+        assert_eq!(counter.record("s", "a", Failure, &c), None);
+        assert_eq!(counter.record("s", "a", Success, &c), None);
+        assert_eq!(counter.record("s", "a", Failure, &c), None);
+        assert_eq!(counter.record("s", "a", Failure, &c), None);
+        assert_eq!(
+            counter.record("t", "a", Failure, &c),
+            None,
             "another service's count"
         );
-        assert!(counter.record("s", "a", true, 3));
-        assert!(!counter.record("s", "a", true, 3), "counting starts over");
-        assert!(is_failure("14") && !is_failure("0") && !is_failure("2"));
+        assert_eq!(
+            counter.record("s", "a", Failure, &c),
+            Some(EjectReason::Failures(3))
+        );
+        assert_eq!(
+            counter.record("s", "a", Failure, &c),
+            None,
+            "counting starts over"
+        );
+        assert!(is_failure("14") && is_failure(" 14") && !is_failure("0") && !is_failure("2"));
+    }
+
+    #[test]
+    fn a_connect_failure_ejects_at_once_when_configured() {
+        use Outcome::{ConnectFailure, ConnectionLost, Failure};
+        let c = config();
+        let mut counter = FailureCounter::default();
+        assert_eq!(
+            counter.record("s", "a", ConnectFailure, &c),
+            Some(EjectReason::ConnectFailure)
+        );
+        // It starts the count over: two plain failures are not enough.
+        assert_eq!(counter.record("s", "a", Failure, &c), None);
+        assert_eq!(counter.record("s", "a", Failure, &c), None);
+        assert_eq!(
+            counter.record("s", "a", ConnectFailure, &c),
+            Some(EjectReason::ConnectFailure)
+        );
+        // A lost connection counts, by default, like any failure.
+        assert_eq!(counter.record("s", "a", ConnectionLost, &c), None);
+        assert_eq!(counter.record("s", "a", ConnectionLost, &c), None);
+        assert_eq!(
+            counter.record("s", "a", Failure, &c),
+            Some(EjectReason::Failures(3))
+        );
+        // Turned off, a connect failure is one more failure in a row.
+        let off = OutlierConfig {
+            eject_on_connect_failure: false,
+            ..c
+        };
+        let mut counter = FailureCounter::default();
+        assert_eq!(counter.record("s", "a", ConnectFailure, &off), None);
+        assert_eq!(counter.record("s", "a", Failure, &off), None);
+        assert_eq!(
+            counter.record("s", "a", ConnectFailure, &off),
+            Some(EjectReason::Failures(3))
+        );
+        // With `eject_on_connection_loss`, a lost connection ejects at once.
+        let lost = OutlierConfig {
+            eject_on_connection_loss: true,
+            ..c
+        };
+        let mut counter = FailureCounter::default();
+        assert_eq!(counter.record("s", "a", Failure, &lost), None);
+        assert_eq!(
+            counter.record("s", "a", ConnectionLost, &lost),
+            Some(EjectReason::ConnectionLost)
+        );
+        assert_eq!(
+            counter.record("s", "a", Failure, &lost),
+            None,
+            "counted from 0"
+        );
+        assert_eq!(counter.record("s", "a", Failure, &lost), None);
+    }
+
+    #[test]
+    fn classifies_connect_failures_from_flags_and_details() {
+        use Outcome::{ConnectFailure, ConnectionLost, Failure};
+        const UF: u64 = UPSTREAM_CONNECTION_FAILURE;
+        // Envoy 1.40, connection refused and connect timeout.
+        let refused = "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}";
+        assert_eq!(failure_kind(Some(UF), Some(refused)), ConnectFailure);
+        assert_eq!(
+            failure_kind(None, Some(refused)),
+            ConnectFailure,
+            "details alone"
+        );
+        assert_eq!(failure_kind(Some(UF), None), ConnectFailure, "flags alone");
+        let timeout = "upstream_reset_before_response_started{connection_timeout}";
+        assert_eq!(failure_kind(None, Some(timeout)), ConnectFailure);
+        let local = "upstream_reset_before_response_started{local_connection_failure}";
+        assert_eq!(failure_kind(None, Some(local)), ConnectFailure);
+        let old = "upstream_reset_before_response_started{connection_failure}";
+        assert_eq!(failure_kind(None, Some(old)), ConnectFailure, "before 1.28");
+        assert_eq!(
+            failure_kind(Some(UF | 1 << 4), None),
+            ConnectFailure,
+            "with other flags"
+        );
+        // A connection that was up and went away under the call.
+        let termination = "upstream_reset_before_response_started{connection_termination}";
+        assert_eq!(
+            failure_kind(Some(1 << 6), Some(termination)),
+            ConnectionLost,
+            "UC"
+        );
+        assert_eq!(failure_kind(None, Some(termination)), ConnectionLost);
+        assert_eq!(failure_kind(Some(1 << 6), None), ConnectionLost);
+        assert_eq!(
+            failure_kind(Some((1 << 6) | UF), None),
+            ConnectFailure,
+            "a connect failure says more"
+        );
+        let reset = "upstream_reset_before_response_started{remote_reset}";
+        assert_eq!(failure_kind(Some(1 << 4), Some(reset)), Failure, "UR");
+        let overflow = "upstream_reset_before_response_started{overflow}";
+        assert_eq!(failure_kind(Some(1 << 7), Some(overflow)), Failure, "UO");
+        // The backend's own UNAVAILABLE, whatever flags come with it.
+        assert_eq!(failure_kind(Some(0), Some("via_upstream")), Failure);
+        assert_eq!(failure_kind(Some(UF), Some("via_upstream")), Failure);
+        // Nothing known: a plain failure.
+        assert_eq!(failure_kind(None, None), Failure);
+        assert_eq!(failure_kind(Some(0), Some("")), Failure);
+        assert_eq!(
+            failure_kind(
+                None,
+                Some("upstream_reset_before_response_started{connection_failures}")
+            ),
+            Failure,
+            "a reason is matched whole"
+        );
     }
 
     #[test]

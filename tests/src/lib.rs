@@ -526,3 +526,211 @@ fn signal(pid: u32, signal: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
     }
 }
+
+/// A `demo-backend` process (built by `make test`) inside a network-namespace
+/// host, listening on the host's own address and registered in etcd with
+/// it: a backend whose packets a test can drop ([`stack::Net::cut`]).
+///
+/// [`stack::Net::cut`]: etcd_mesh_demo::stack::Net::cut
+pub struct NetBackend {
+    pub addr: SocketAddr,
+    proc: etcd_mesh_demo::stack::Proc,
+}
+
+impl NetBackend {
+    /// Starts one on `host`, port `port`, registering in `etcd` (addresses
+    /// the host reaches) with `weight` and a lease of `ttl_s` seconds; its
+    /// log goes to `dir`. The caller waits for it to be listed.
+    pub fn start(
+        host: &etcd_mesh_demo::stack::Host,
+        port: u16,
+        etcd: &[String],
+        weight: u32,
+        ttl_s: u64,
+        dir: &std::path::Path,
+    ) -> NetBackend {
+        let binary = etcd_mesh_demo::stack::workspace_root().join("target/debug/demo-backend");
+        assert!(
+            binary.exists(),
+            "no {}: `make test` builds it (cargo build -p etcd-mesh-demo --bin demo-backend)",
+            binary.display()
+        );
+        let addr = host.socket_addr(port);
+        let (listen, members) = (addr.to_string(), etcd.join(","));
+        let (weight, ttl) = (weight.to_string(), ttl_s.to_string());
+        let args = [
+            "--etcd", &members, "--listen", &listen, "--weight", &weight, "--ttl", &ttl,
+        ];
+        let log = dir.join(format!("demo-backend-{}.log", host.name()));
+        let proc = host
+            .spawn(binary.to_str().expect("a UTF-8 path"), &args, log)
+            .expect("demo-backend starts");
+        NetBackend { addr, proc }
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+}
+
+/// Envoy from `envoy/etcd-mesh.yaml` with the router configured by
+/// `router` and the rendered configuration changed by `edit` (to compare
+/// the template with a variant of it), polling `sync`.
+pub async fn start_envoy_edited(
+    dir: &std::path::Path,
+    sync: SocketAddr,
+    router: &str,
+    concurrency: u32,
+    edit: impl Fn(String) -> String,
+) -> Envoy {
+    use etcd_mesh_demo::stack::{envoy_template_path, free_port, render_envoy_config, wasm_path};
+    let template = std::fs::read_to_string(envoy_template_path()).expect("the Envoy template");
+    let mut last = String::new();
+    // A picked port may be taken before Envoy binds it: then fresh ones.
+    for _ in 0..3 {
+        let pick = || SocketAddr::from(([127, 0, 0, 1], free_port().expect("a free port")));
+        let (listen, admin) = (pick(), pick());
+        let rendered = render_envoy_config(&template, listen, admin, &[sync], &wasm_path())
+            .replace(r#"'{"role": "router"}'"#, &format!("'{router}'"));
+        let rendered = edit(rendered);
+        match Envoy::start_rendered(dir, &rendered, listen, admin, concurrency).await {
+            Ok(envoy) => return envoy,
+            Err(e) if e.contains("Address already in use") => last = e,
+            Err(e) => panic!("Envoy did not start: {e}"),
+        }
+    }
+    panic!("Envoy did not start: {last}");
+}
+
+/// One call of a [`TimedLoad`]: when it started (from the load's start),
+/// how long it took (retries included), who served it or how it failed,
+/// and how many times it was retried.
+#[derive(Debug, Clone)]
+pub struct TimedCall {
+    pub client: usize,
+    pub started: Duration,
+    pub took: Duration,
+    pub outcome: Result<String, tonic::Code>,
+    pub retries: u32,
+}
+
+/// One loop of calls per client, each call with a deadline (a call past it
+/// is cancelled, as a gRPC client's deadline does, and counted as
+/// `DeadlineExceeded`), every call timed; at most `max_calls` per loop.
+/// With retries, an `UNAVAILABLE` is sent again at once, within the same
+/// deadline, as a gRPC retry policy on `UNAVAILABLE` does (without its
+/// backoff): a new call through Envoy, and a new pick.
+pub struct TimedLoad {
+    started: std::time::Instant,
+    stop: CancellationToken,
+    sent: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<TimedCall>>>,
+}
+
+impl TimedLoad {
+    pub fn start(clients: Vec<client::Client>, deadline: Duration, max_calls: usize) -> TimedLoad {
+        Self::start_retrying(clients, deadline, max_calls, 0)
+    }
+
+    /// The same, each `UNAVAILABLE` retried up to `retries` times.
+    pub fn start_retrying(
+        clients: Vec<client::Client>,
+        deadline: Duration,
+        max_calls: usize,
+        retries: u32,
+    ) -> TimedLoad {
+        let started = std::time::Instant::now();
+        let stop = CancellationToken::new();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let tasks = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut client)| {
+                let (stop, sent) = (stop.clone(), Arc::clone(&sent));
+                tokio::spawn(async move {
+                    let mut calls = Vec::new();
+                    for _ in 0..max_calls {
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                        let at = std::time::Instant::now();
+                        let mut tries = 0;
+                        let call = tokio::time::timeout(deadline, async {
+                            loop {
+                                let request = etcd_mesh_demo::proto::SayRequest::default();
+                                match client::say(&mut client, request).await {
+                                    Err(status)
+                                        if status.code() == tonic::Code::Unavailable
+                                            && tries < retries =>
+                                    {
+                                        tries += 1;
+                                    }
+                                    done => break done,
+                                }
+                            }
+                        });
+                        let outcome = match call.await {
+                            Ok(Ok(by)) => Ok(by),
+                            Ok(Err(status)) => Err(status.code()),
+                            Err(_) => Err(tonic::Code::DeadlineExceeded),
+                        };
+                        calls.push(TimedCall {
+                            client: i,
+                            started: at.duration_since(started),
+                            took: at.elapsed(),
+                            outcome,
+                            retries: tries,
+                        });
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls
+                })
+            })
+            .collect();
+        TimedLoad {
+            started,
+            stop,
+            sent,
+            tasks,
+        }
+    }
+
+    /// Time since the load started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Calls finished so far.
+    pub fn sent(&self) -> usize {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops the loops (a call under way finishes or meets its deadline)
+    /// and returns every call, in the order they started.
+    pub async fn finish(mut self) -> Vec<TimedCall> {
+        self.stop.cancel();
+        let mut calls = Vec::new();
+        for task in std::mem::take(&mut self.tasks) {
+            calls.extend(task.await.expect("load loop"));
+        }
+        calls.sort_by_key(|c| c.started);
+        calls
+    }
+}
+
+impl Drop for TimedLoad {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The `p`-th percentile (0..=100, nearest rank) of `values`; zero when empty.
+pub fn percentile(values: &[Duration], p: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
