@@ -52,7 +52,9 @@
 //! its checks. A failed check drops it, so the next check connects afresh
 //! and finds a backend restarted on the same address. The connect timeout
 //! is the check timeout, and the whole check (connect and RPC) is bounded by
-//! it too.
+//! it too. With [`HealthTls`] the channels speak TLS (the endpoints'
+//! certificates checked against its CA, optionally presenting a client
+//! certificate); its files are read once, at start.
 
 use etcd_mesh_routing::rng::SplitMix64;
 use etcd_mesh_wire::Health;
@@ -66,7 +68,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -110,6 +112,32 @@ impl Default for HealthConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             check_name: CheckName::Registry,
         }
+    }
+}
+
+/// TLS to the checked endpoints, as PEM bytes (read and checked at start).
+#[derive(Debug, Clone)]
+pub struct HealthTls {
+    /// The CA(s) the endpoints' certificates must chain to.
+    pub ca_pem: Vec<u8>,
+    /// A client certificate and key, for endpoints that require one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name every endpoint's certificate is checked against; when
+    /// `None`, the endpoint's own address (its certificate then needs that
+    /// IP address as a subject alternative name).
+    pub domain: Option<String>,
+}
+
+impl HealthTls {
+    fn client_config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
     }
 }
 
@@ -303,12 +331,25 @@ impl Tracker {
 /// abandoned.
 pub async fn run(
     config: HealthConfig,
+    targets: watch::Receiver<Arc<BTreeSet<Target>>>,
+    out: mpsc::UnboundedSender<Transition>,
+    metrics: Arc<HealthMetrics>,
+    shutdown: CancellationToken,
+) {
+    run_with_tls(config, None, targets, out, metrics, shutdown).await;
+}
+
+/// [`run`], speaking TLS to the endpoints when `tls` is given.
+pub async fn run_with_tls(
+    config: HealthConfig,
+    tls: Option<HealthTls>,
     mut targets: watch::Receiver<Arc<BTreeSet<Target>>>,
     out: mpsc::UnboundedSender<Transition>,
     metrics: Arc<HealthMetrics>,
     shutdown: CancellationToken,
 ) {
     let mut scheduler = Scheduler::new(config, out, Arc::clone(&metrics));
+    scheduler.tls = tls.as_ref().map(HealthTls::client_config);
     let initial = Arc::clone(&targets.borrow_and_update());
     scheduler.set_targets(&initial);
     let mut targets_open = true;
@@ -408,6 +449,8 @@ struct Scheduler {
     checks: JoinSet<(u64, Observation)>,
     /// Which entry each running check task is for (to learn of a panic).
     running: HashMap<tokio::task::Id, u64>,
+    /// TLS to the endpoints, when on.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Scheduler {
@@ -434,6 +477,7 @@ impl Scheduler {
             due: BinaryHeap::new(),
             checks: JoinSet::new(),
             running: HashMap::new(),
+            tls: None,
         }
     }
 
@@ -542,7 +586,7 @@ impl Scheduler {
         // Over the cap, a connection for this check only, closed with it.
         let mut one_off = None;
         if entry.channel.is_none() {
-            let fresh = connect_lazy(&entry.target.addr, timeout)
+            let fresh = connect_lazy(&entry.target.addr, timeout, self.tls.as_ref())
                 .map(|channel| HeldChannel::new(channel, &self.metrics));
             let held = self.metrics.connections_open.load(Ordering::Relaxed);
             if held <= self.config.max_connections as u64 {
@@ -630,10 +674,16 @@ impl Scheduler {
     }
 }
 
-/// A channel that connects on first use; `None` if `addr` is no URI
-/// authority (every check of it then fails).
-fn connect_lazy(addr: &str, timeout: Duration) -> Option<Channel> {
-    match Endpoint::from_shared(format!("http://{addr}")) {
+/// A channel that connects on first use, over TLS when `tls` is given;
+/// `None` if `addr` is no URI authority (every check of it then fails).
+fn connect_lazy(addr: &str, timeout: Duration, tls: Option<&ClientTlsConfig>) -> Option<Channel> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).and_then(|endpoint| match tls {
+            Some(tls) => endpoint.tls_config(tls.clone()),
+            None => Ok(endpoint),
+        });
+    match endpoint {
         Ok(endpoint) => Some(
             endpoint
                 .connect_timeout(timeout)

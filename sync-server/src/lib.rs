@@ -8,7 +8,8 @@
 //! - [`health`] and [`observe`]: active gRPC health checks (when on),
 //!   their results put into what is served;
 //! - [`http`]: the v1 HTTP contract;
-//! - [`ui`]: the browser console at `/ui/`.
+//! - [`ui`]: the browser console at `/ui/`;
+//! - [`tls`]: HTTPS (certificate files, their reload, the listener).
 //!
 //! [`run`] wires them to a listener; the binary only parses its command line.
 
@@ -23,6 +24,7 @@ pub mod observe;
 pub mod publish;
 pub mod registry;
 pub mod snapshot_file;
+pub mod tls;
 pub mod ui;
 
 use crate::etcd::EtcdOptions;
@@ -30,6 +32,7 @@ use crate::format::WatchSpec;
 use crate::http::{app, AppState};
 use crate::publish::{HistoryLimits, Publisher};
 use crate::registry::Registry;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +61,11 @@ pub struct Config {
     pub health: Option<health::HealthConfig>,
     /// Serve the console from this directory instead of the embedded files.
     pub ui_dir: Option<PathBuf>,
+    /// Serve HTTPS with these files (re-read when they change); plain
+    /// HTTP when `None`.
+    pub tls: Option<tls::TlsFiles>,
+    /// Health checks speak TLS to the endpoints; plain when `None`.
+    pub health_tls: Option<health::HealthTls>,
 }
 
 impl Config {
@@ -73,8 +81,16 @@ impl Config {
             freshness_timeout: etcd::DEFAULT_FRESHNESS_TIMEOUT,
             health: None,
             ui_dir: None,
+            tls: None,
+            health_tls: None,
         }
     }
+}
+
+/// Where requests come from: plain TCP, or finished TLS handshakes.
+enum Listening {
+    Plain(TcpListener),
+    Tls(tls::TlsListener),
 }
 
 /// How long in-flight requests get to finish after shutdown begins.
@@ -83,11 +99,24 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Serves on `listener` until `shutdown` is cancelled, then ends held
 /// long-polls and returns once in-flight requests have finished (or after
 /// a short grace period, so a stuck client cannot hold the process).
+///
+/// With [`Config::tls`], serves HTTPS; a TLS file that cannot be used
+/// fails this at once, before anything else starts, naming the file.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let tls_metrics = Arc::new(tls::TlsMetrics::default());
+    let listener = match config.tls.clone() {
+        Some(files) => {
+            let (reloader, configs) = tls::Reloader::start(files, Arc::clone(&tls_metrics))?;
+            let listener = tls::TlsListener::new(listener, configs, Arc::clone(&tls_metrics))?;
+            tokio::spawn(reloader.run(tls::RELOAD_CHECK_PERIOD, shutdown.clone()));
+            Listening::Tls(listener)
+        }
+        None => Listening::Plain(listener),
+    };
     let publisher = Publisher::new(config.history);
     if let Some(snapshot) = config
         .snapshot_file
@@ -99,6 +128,9 @@ pub async fn run(
     let mut state = AppState::new(publisher.clone(), shutdown.clone());
     state.token = config.token.map(Arc::from);
     state.max_long_polls = config.max_long_polls;
+    if matches!(listener, Listening::Tls(_)) {
+        let _ = state.metrics.tls.set(tls_metrics);
+    }
     let registry = Arc::new(Mutex::new(Registry::new(config.watches)));
     if let Some(checks) = config.health {
         let health_metrics = Arc::new(health::HealthMetrics::default());
@@ -117,8 +149,9 @@ pub async fn run(
             results_rx,
             shutdown.clone(),
         ));
-        tokio::spawn(health::run(
+        tokio::spawn(health::run_with_tls(
             checks,
+            config.health_tls,
             targets_rx,
             results_tx,
             health_metrics,
@@ -144,10 +177,16 @@ pub async fn run(
     if let Some(dir) = config.ui_dir {
         app = app.layer(axum::Extension(ui::UiDir(dir)));
     }
-    let serve = std::future::IntoFuture::into_future(
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()),
-    );
-    let mut serve = std::pin::pin!(serve);
+    let graceful = shutdown.clone().cancelled_owned();
+    let mut serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match listener {
+            Listening::Tls(listener) => Box::pin(std::future::IntoFuture::into_future(
+                axum::serve(listener, app).with_graceful_shutdown(graceful),
+            )),
+            Listening::Plain(listener) => Box::pin(std::future::IntoFuture::into_future(
+                axum::serve(listener, app).with_graceful_shutdown(graceful),
+            )),
+        };
     let mut sync_ended = false;
     let served = tokio::select! {
         served = &mut serve => served,

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use sync_server::etcd::{EtcdOptions, EtcdTls};
 use sync_server::format::WatchSpec;
-use sync_server::health::{CheckName, HealthConfig};
+use sync_server::health::{CheckName, HealthConfig, HealthTls};
+use sync_server::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -36,9 +37,32 @@ struct Cli {
     )]
     watches: Vec<WatchSpec>,
 
-    /// Where to serve HTTP. Loopback unless told otherwise.
+    /// Where to serve HTTP (HTTPS with --tls-cert). Loopback unless told
+    /// otherwise.
     #[arg(long, env = "SYNC_SERVER_LISTEN", default_value = "127.0.0.1:8090")]
     listen: SocketAddr,
+
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs
+    /// --tls-key. Re-read when it changes: new connections get the new
+    /// one, held long-polls stay.
+    #[arg(long, env = "SYNC_SERVER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM, unencrypted) of --tls-cert; re-read with it.
+    #[arg(long, env = "SYNC_SERVER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require a client certificate signed by a CA in this file (PEM)
+    /// from every HTTPS client (mutual TLS); the bearer token, if any, is
+    /// still required beside it. Re-read when it changes.
+    #[arg(long, env = "SYNC_SERVER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Allow --token-file over plain HTTP on a non-loopback --listen
+    /// address (refused otherwise: the token would cross the network in
+    /// clear text).
+    #[arg(long, env = "SYNC_SERVER_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
 
     /// Keep the last good snapshot in this file, and serve it (as stale)
     /// after a restart until etcd answers.
@@ -133,6 +157,34 @@ struct Cli {
     /// `name:<grpc service>`.
     #[arg(long, env = "SYNC_SERVER_HEALTH_SERVICE", default_value = "registry", value_parser = check_name)]
     health_service: CheckName,
+
+    /// Health checks speak TLS, checking each endpoint's certificate
+    /// against the CA(s) in this file (PEM).
+    #[arg(long, env = "SYNC_SERVER_HEALTH_TLS_CA")]
+    health_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) the health checks present; needs
+    /// --health-tls-key and --health-tls-ca.
+    #[arg(
+        long,
+        env = "SYNC_SERVER_HEALTH_TLS_CERT",
+        requires = "health_tls_key",
+        requires = "health_tls_ca"
+    )]
+    health_tls_cert: Option<PathBuf>,
+
+    /// Client key (PEM) of --health-tls-cert.
+    #[arg(long, env = "SYNC_SERVER_HEALTH_TLS_KEY", requires = "health_tls_cert")]
+    health_tls_key: Option<PathBuf>,
+
+    /// The name every endpoint's certificate is checked against, if not
+    /// the endpoint's IP address.
+    #[arg(
+        long,
+        env = "SYNC_SERVER_HEALTH_TLS_DOMAIN",
+        requires = "health_tls_ca"
+    )]
+    health_tls_domain: Option<String>,
 
     /// Serve the browser console at /ui/ from this directory (what
     /// scripts/build-console.sh makes: console/dist) instead of the files
@@ -258,6 +310,49 @@ impl Cli {
             Some(path) => Some(read_secret(path, "token file")?),
             None => None,
         };
+        if let Some(refusal) = sync_server::tls::plaintext_token_refusal(
+            self.listen,
+            config.token.is_some(),
+            self.tls_cert.is_some(),
+            self.insecure_plaintext,
+        ) {
+            anyhow::bail!(refusal);
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            let files = TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            };
+            // `run` loads them again; checked here too, so a bad file is
+            // reported before the port is bound and "starting" is logged.
+            sync_server::tls::load(&files)?;
+            config.tls = Some(files);
+        }
+        if let Some(ca) = &self.health_tls_ca {
+            if !self.health_checks {
+                tracing::warn!("--health-tls-ca is given without --health-checks: no check runs");
+            }
+            let identity = match (&self.health_tls_cert, &self.health_tls_key) {
+                (Some(cert), Some(key)) => Some(sync_server::tls::read_identity(
+                    cert,
+                    key,
+                    "health-check client",
+                )?),
+                _ => None,
+            };
+            if let Some(domain) = &self.health_tls_domain {
+                anyhow::ensure!(
+                    rustls_pki_types::ServerName::try_from(domain.as_str()).is_ok(),
+                    "--health-tls-domain {domain:?} is not a DNS name or an IP address"
+                );
+            }
+            config.health_tls = Some(HealthTls {
+                ca_pem: sync_server::tls::read_ca(ca, "health-check CA")?,
+                identity,
+                domain: self.health_tls_domain.clone(),
+            });
+        }
         Ok(config)
     }
 }
@@ -275,7 +370,12 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    info!(listen = %listener.local_addr()?, etcd = ?config.etcd.endpoints, "sync-server starting");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    info!(listen = %listener.local_addr()?, scheme, etcd = ?config.etcd.endpoints, "sync-server starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     sync_server::run(config, listener, shutdown).await?;

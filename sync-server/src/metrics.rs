@@ -34,6 +34,8 @@ pub struct Metrics {
     pub changes_delta_total: AtomicU64,
     /// The health checks' own, when they run.
     pub health: std::sync::OnceLock<Arc<crate::health::HealthMetrics>>,
+    /// The HTTPS side's own, when it serves HTTPS.
+    pub tls: std::sync::OnceLock<Arc<crate::tls::TlsMetrics>>,
 }
 
 impl Metrics {
@@ -217,6 +219,9 @@ impl Metrics {
         );
         if let Some(health) = self.health.get() {
             health.render(&mut out);
+        }
+        if let Some(tls) = self.tls.get() {
+            tls.render(&mut out);
         }
         out
     }

@@ -1,5 +1,7 @@
-//! Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`, and where
-//! the binaries of the checkout are.
+//! Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml` (or
+//! `envoy/etcd-mesh-tls.yaml`, TLS to sync-server), where the binaries of
+//! the checkout are, and the test certificates of the TLS layout
+//! ([`TestCa`], made with openssl).
 
 use crate::{free_port, http_get, wait_for, Proc};
 use std::net::SocketAddr;
@@ -50,6 +52,14 @@ pub struct EnvoyOptions {
     /// The poller's configuration JSON, if not the template's;
     /// `{{SYNC_CLUSTER_NAMES}}` in it becomes the replicas' cluster list.
     pub poller_config: Option<String>,
+    /// The configuration template, if not `envoy/etcd-mesh.yaml` (with
+    /// `sync_tls`: `envoy/etcd-mesh-tls.yaml` when `None`).
+    pub template: Option<PathBuf>,
+    /// TLS to the sync-server replicas: each replica's cluster gets the
+    /// transport socket, and the TLS template's placeholders are filled.
+    pub sync_tls: Option<TlsUpstream>,
+    /// More Envoy arguments (`--component-log-level connection:debug`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for EnvoyOptions {
@@ -62,6 +72,9 @@ impl Default for EnvoyOptions {
             router_config: None,
             header_override: false,
             poller_config: None,
+            template: None,
+            sync_tls: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -70,6 +83,8 @@ impl Default for EnvoyOptions {
 const TEMPLATE_ROUTER_CONFIG: &str = r#"'{"role": "router"}'"#;
 /// The poller configuration as the template writes it.
 const TEMPLATE_POLLER_CONFIG: &str = r#"'{"role": "poller", "clusters": {{SYNC_CLUSTER_NAMES}}, "authority": "sync-server", "wait_seconds": 30}'"#;
+/// The poller configuration as the TLS template writes it.
+const TLS_TEMPLATE_POLLER_CONFIG: &str = r#"'{"role": "poller", "clusters": {{SYNC_CLUSTER_NAMES}}, "authority": "sync-server", "wait_seconds": 30, "bearer_token": "{{SYNC_TOKEN}}"}'"#;
 
 /// Envoy with the etcd-mesh plugin, from `envoy/etcd-mesh.yaml`.
 #[derive(Debug)]
@@ -83,6 +98,11 @@ pub struct Envoy {
 /// The Envoy configuration template, with `{{...}}` placeholders.
 pub fn envoy_template_path() -> PathBuf {
     workspace_root().join("envoy/etcd-mesh.yaml")
+}
+
+/// The TLS template: `envoy/etcd-mesh.yaml` with TLS to sync-server.
+pub fn envoy_tls_template_path() -> PathBuf {
+    workspace_root().join("envoy/etcd-mesh-tls.yaml")
 }
 
 /// `addrs` as the YAML flow list of an Envoy `lb_endpoints`.
@@ -111,14 +131,17 @@ pub fn sync_clusters_yaml(sync_servers: &[SocketAddr]) -> String {
     sync_servers
         .iter()
         .enumerate()
-        .map(|(i, addr)| {
-            let name = sync_cluster_name(i);
-            format!(
-                "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints: {}\n",
-                lb_endpoints_yaml(std::slice::from_ref(addr))
-            )
-        })
+        .map(|(i, addr)| sync_cluster_yaml(i, *addr))
         .collect()
+}
+
+/// The cluster of replica `i` at `addr`, without a transport socket.
+fn sync_cluster_yaml(i: usize, addr: SocketAddr) -> String {
+    let name = sync_cluster_name(i);
+    format!(
+        "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints: {}\n",
+        lb_endpoints_yaml(&[addr])
+    )
 }
 
 /// The poller's `clusters` value: a JSON list of the replicas' clusters.
@@ -150,6 +173,271 @@ pub fn render_envoy_config(
         .replace("{{WASM_PATH}}", &wasm.display().to_string())
 }
 
+/// TLS from Envoy to the sync-server replicas, what fills the TLS
+/// template's placeholders.
+#[derive(Debug, Clone)]
+pub struct TlsUpstream {
+    /// `{{SYNC_CA}}`: the CA sync-server's certificate must chain to.
+    pub ca: PathBuf,
+    /// `{{SYNC_SNI}}`: the name sent as SNI, which sync-server's
+    /// certificate must carry as a DNS subject alternative name.
+    pub sni: String,
+    /// `{{SYNC_CLIENT_CERT}}` and `{{SYNC_CLIENT_KEY}}`: Envoy's client
+    /// certificate, for a sync-server started with `--tls-client-ca`;
+    /// without it the clusters present none.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// `{{SYNC_TOKEN}}`: the poller's `bearer_token` (the content of
+    /// sync-server's `--token-file`); without it the poller sends none.
+    pub token: Option<String>,
+}
+
+/// The transport socket of one sync-server cluster, with the TLS
+/// template's placeholders (as `envoy/etcd-mesh-tls.yaml` shows it), at a
+/// cluster field's indentation.
+pub fn sync_transport_socket_yaml(client_cert: bool) -> String {
+    let mut yaml = String::from(
+        "    transport_socket:\n\
+         \x20     name: envoy.transport_sockets.tls\n\
+         \x20     typed_config:\n\
+         \x20       \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n\
+         \x20       sni: \"{{SYNC_SNI}}\"\n\
+         \x20       common_tls_context:\n\
+         \x20         validation_context:\n\
+         \x20           trusted_ca: { filename: \"{{SYNC_CA}}\" }\n\
+         \x20           match_typed_subject_alt_names:\n\
+         \x20           - san_type: DNS\n\
+         \x20             matcher: { exact: \"{{SYNC_SNI}}\" }\n",
+    );
+    if client_cert {
+        yaml.push_str(
+            "          tls_certificates:\n\
+             \x20         - certificate_chain: { filename: \"{{SYNC_CLIENT_CERT}}\" }\n\
+             \x20           private_key: { filename: \"{{SYNC_CLIENT_KEY}}\" }\n",
+        );
+    }
+    yaml
+}
+
+/// Fills the TLS placeholders (`{{SYNC_CA}}`, `{{SYNC_SNI}}`,
+/// `{{SYNC_CLIENT_CERT}}`, `{{SYNC_CLIENT_KEY}}`, `{{SYNC_TOKEN}}`) in
+/// `text`; without a token, the poller's `bearer_token` goes.
+pub fn fill_tls_placeholders(text: &str, tls: &TlsUpstream) -> String {
+    let mut text = text
+        .replace("{{SYNC_CA}}", &tls.ca.display().to_string())
+        .replace("{{SYNC_SNI}}", &tls.sni);
+    if let Some((cert, key)) = &tls.client_cert {
+        text = text
+            .replace("{{SYNC_CLIENT_CERT}}", &cert.display().to_string())
+            .replace("{{SYNC_CLIENT_KEY}}", &key.display().to_string());
+    }
+    match &tls.token {
+        Some(token) => text.replace("{{SYNC_TOKEN}}", token),
+        None => text.replace(r#", "bearer_token": "{{SYNC_TOKEN}}""#, ""),
+    }
+}
+
+/// [`sync_clusters_yaml`] with the TLS transport socket in every cluster,
+/// placeholders left for [`fill_tls_placeholders`].
+fn sync_clusters_tls_template(sync_servers: &[SocketAddr], client_cert: bool) -> String {
+    let socket = sync_transport_socket_yaml(client_cert);
+    sync_servers
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| sync_cluster_yaml(i, *addr) + &socket)
+        .collect()
+}
+
+/// One STATIC cluster per sync-server replica, each speaking TLS to it as
+/// `tls` says (filled in), as YAML list items of `clusters:`.
+pub fn sync_clusters_tls_yaml(sync_servers: &[SocketAddr], tls: &TlsUpstream) -> String {
+    fill_tls_placeholders(
+        &sync_clusters_tls_template(sync_servers, tls.client_cert.is_some()),
+        tls,
+    )
+}
+
+/// Fills in the TLS template (`envoy/etcd-mesh-tls.yaml`): its clusters
+/// speak TLS to the replicas, and every placeholder is filled.
+pub fn render_envoy_tls_config(
+    template: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    sync_servers: &[SocketAddr],
+    wasm: &Path,
+    tls: &TlsUpstream,
+) -> String {
+    let clusters = sync_clusters_tls_template(sync_servers, tls.client_cert.is_some());
+    let template = template.replace("{{SYNC_CLUSTERS}}\n", &clusters);
+    fill_tls_placeholders(
+        &render_envoy_config(&template, listen, admin, sync_servers, wasm),
+        tls,
+    )
+}
+
+/// A test CA made with openssl in a directory (`<name>-ca.pem`,
+/// `<name>-ca.key`), and the certificates it issues there. Keys are
+/// ECDSA P-256 unless [`TestCa::rsa`] asks for RSA 2048.
+#[derive(Debug, Clone)]
+pub struct TestCa {
+    dir: PathBuf,
+    /// The CA certificate (PEM): what a peer trusts.
+    pub cert: PathBuf,
+    key: PathBuf,
+    rsa: bool,
+}
+
+/// A certificate and its key, issued by a [`TestCa`].
+#[derive(Debug, Clone)]
+pub struct TestCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Its serial number, as openssl was told it (hex).
+    pub serial: String,
+}
+
+impl TestCa {
+    /// A new CA called `name` under `dir`.
+    pub fn new(dir: &Path, name: &str) -> Result<TestCa, String> {
+        Self::make(dir, name, false)
+    }
+
+    /// The same, with RSA 2048 keys (for the CA and what it issues).
+    pub fn rsa(dir: &Path, name: &str) -> Result<TestCa, String> {
+        Self::make(dir, name, true)
+    }
+
+    fn make(dir: &Path, name: &str, rsa: bool) -> Result<TestCa, String> {
+        let config = dir.join(format!("{name}-ca.cnf"));
+        std::fs::write(
+            &config,
+            format!(
+                "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = {name} test CA\n\
+                 [ext]\nbasicConstraints = critical,CA:TRUE\n\
+                 keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n"
+            ),
+        )
+        .map_err(|e| format!("{}: {e}", config.display()))?;
+        let ca = TestCa {
+            dir: dir.to_path_buf(),
+            cert: dir.join(format!("{name}-ca.pem")),
+            key: dir.join(format!("{name}-ca.key")),
+            rsa,
+        };
+        let mut args = vec![
+            "req".to_owned(),
+            "-x509".to_owned(),
+            "-config".to_owned(),
+            path_arg(&config),
+            "-extensions".to_owned(),
+            "ext".to_owned(),
+        ];
+        args.extend(ca.new_key_args());
+        args.extend(
+            [
+                "-nodes",
+                "-keyout",
+                &path_arg(&ca.key),
+                "-out",
+                &path_arg(&ca.cert),
+                "-days",
+                "2",
+            ]
+            .map(str::to_owned),
+        );
+        openssl(dir, &args)?;
+        Ok(ca)
+    }
+
+    fn new_key_args(&self) -> Vec<String> {
+        let args: &[&str] = if self.rsa {
+            &["-newkey", "rsa:2048"]
+        } else {
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        };
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    /// Issues `<name>.pem` and `<name>.key` for `sans` (`DNS:name`,
+    /// `IP:10.0.0.1`), usable by a server and a client, with the serial
+    /// `serial` (hex; distinct serials tell two certificates apart).
+    pub fn issue(&self, name: &str, sans: &[&str], serial: u64) -> Result<TestCert, String> {
+        let ext = self.dir.join(format!("{name}.ext"));
+        let mut text = String::from(
+            "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage = serverAuth,clientAuth\nsubjectKeyIdentifier = hash\n\
+             authorityKeyIdentifier = keyid\n",
+        );
+        if !sans.is_empty() {
+            text.push_str(&format!("subjectAltName = {}\n", sans.join(",")));
+        }
+        std::fs::write(&ext, text).map_err(|e| format!("{}: {e}", ext.display()))?;
+        let cert = TestCert {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+            serial: format!("{serial:X}"),
+        };
+        let csr = self.dir.join(format!("{name}.csr"));
+        let mut args = vec!["req".to_owned(), "-new".to_owned()];
+        args.extend(self.new_key_args());
+        args.extend(
+            [
+                "-nodes",
+                "-keyout",
+                &path_arg(&cert.key),
+                "-out",
+                &path_arg(&csr),
+                "-subj",
+                &format!("/CN={name}"),
+            ]
+            .map(str::to_owned),
+        );
+        openssl(&self.dir, &args)?;
+        let args = [
+            "x509",
+            "-req",
+            "-in",
+            &path_arg(&csr),
+            "-CA",
+            &path_arg(&self.cert),
+            "-CAkey",
+            &path_arg(&self.key),
+            "-set_serial",
+            &format!("0x{}", cert.serial),
+            "-days",
+            "2",
+            "-extfile",
+            &path_arg(&ext),
+            "-out",
+            &path_arg(&cert.cert),
+        ]
+        .map(str::to_owned);
+        openssl(&self.dir, &args)?;
+        Ok(cert)
+    }
+}
+
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Runs `openssl args` in `dir`; its stderr is the error.
+fn openssl(dir: &Path, args: &[String]) -> Result<(), String> {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("cannot run openssl: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
 impl Envoy {
     pub async fn start(dir: &Path, options: EnvoyOptions) -> Result<Envoy, String> {
         let pick = |port: u16| {
@@ -163,10 +451,17 @@ impl Envoy {
         if !wasm.exists() {
             return Err(format!("no plugin at {}: run `make build`", wasm.display()));
         }
-        let mut template =
-            std::fs::read_to_string(envoy_template_path()).map_err(|e| e.to_string())?;
+        let template_path = match (&options.template, &options.sync_tls) {
+            (Some(path), _) => path.clone(),
+            (None, Some(_)) => envoy_tls_template_path(),
+            (None, None) => envoy_template_path(),
+        };
+        let mut template = std::fs::read_to_string(&template_path)
+            .map_err(|e| format!("{}: {e}", template_path.display()))?;
         if let Some(poller) = &options.poller_config {
-            template = template.replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
+            template = template
+                .replace(TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"))
+                .replace(TLS_TEMPLATE_POLLER_CONFIG, &format!("'{poller}'"));
         }
         // A port picked here was free when picked, not necessarily when Envoy
         // binds it (an outgoing connection can take it in between): then
@@ -176,8 +471,17 @@ impl Envoy {
         loop {
             let listen = SocketAddr::from(([127, 0, 0, 1], pick(options.listen_port)?));
             let admin = SocketAddr::from(([127, 0, 0, 1], pick(options.admin_port)?));
-            let mut rendered =
-                render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm);
+            let mut rendered = match &options.sync_tls {
+                Some(tls) => render_envoy_tls_config(
+                    &template,
+                    listen,
+                    admin,
+                    &options.sync_servers,
+                    &wasm,
+                    tls,
+                ),
+                None => render_envoy_config(&template, listen, admin, &options.sync_servers, &wasm),
+            };
             if let Some(router) = &options.router_config {
                 rendered = rendered.replace(TEMPLATE_ROUTER_CONFIG, &format!("'{router}'"));
             }
@@ -185,7 +489,15 @@ impl Envoy {
                 rendered = rendered.replace("use_http_header: false", "use_http_header: true");
             }
             tries_left -= 1;
-            match Self::start_rendered(dir, &rendered, listen, admin, options.concurrency).await {
+            let started = Self::start_rendered_with_args(
+                dir,
+                &rendered,
+                listen,
+                admin,
+                options.concurrency,
+                &options.extra_args,
+            );
+            match started.await {
                 Err(e) if tries_left > 0 && e.contains("Address already in use") => continue,
                 started => return started,
             }
@@ -201,6 +513,18 @@ impl Envoy {
         admin: SocketAddr,
         concurrency: u32,
     ) -> Result<Envoy, String> {
+        Self::start_rendered_with_args(dir, rendered, listen, admin, concurrency, &[]).await
+    }
+
+    /// [`Envoy::start_rendered`], with more Envoy arguments.
+    pub async fn start_rendered_with_args(
+        dir: &Path,
+        rendered: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        concurrency: u32,
+        extra_args: &[String],
+    ) -> Result<Envoy, String> {
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, rendered).map_err(|e| e.to_string())?;
         let mut command = Command::new(envoy_bin());
@@ -208,7 +532,8 @@ impl Envoy {
             .arg("-c")
             .arg(&config)
             .args(["--concurrency", &concurrency.to_string()])
-            .args(["--disable-hot-restart", "--log-level", "warn"]);
+            .args(["--disable-hot-restart", "--log-level", "warn"])
+            .args(extra_args);
         let proc =
             Proc::spawn("envoy", command, dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let mut envoy = Envoy {
@@ -313,5 +638,112 @@ impl Envoy {
 
     pub fn log_tail(&self, lines: usize) -> String {
         self.proc.log_tail(lines)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines that are not YAML comments.
+    fn uncommented(yaml: &str) -> String {
+        yaml.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    fn render(tls: &TlsUpstream) -> String {
+        let template = std::fs::read_to_string(envoy_tls_template_path()).expect("TLS template");
+        let addr = |port| SocketAddr::from(([10, 0, 0, 5], port));
+        render_envoy_tls_config(
+            &template,
+            addr(10000),
+            addr(9901),
+            &[addr(8443), addr(8444)],
+            Path::new("/plugin.wasm"),
+            tls,
+        )
+    }
+
+    #[test]
+    fn the_tls_template_renders_every_placeholder_and_a_socket_per_replica() {
+        let tls = TlsUpstream {
+            ca: PathBuf::from("/tls/ca.pem"),
+            sni: "sync.test".to_owned(),
+            client_cert: Some((
+                PathBuf::from("/tls/envoy.pem"),
+                PathBuf::from("/tls/envoy.key"),
+            )),
+            token: Some("t0ken".to_owned()),
+        };
+        let live = uncommented(&render(&tls));
+        assert!(!live.contains("{{"), "{live}");
+        for i in 0..2 {
+            assert!(live.contains(&format!("  - name: etcd_mesh_sync_{i}\n")));
+        }
+        assert_eq!(live.matches("envoy.transport_sockets.tls").count(), 2);
+        assert_eq!(
+            live.matches(r#"trusted_ca: { filename: "/tls/ca.pem" }"#)
+                .count(),
+            2
+        );
+        assert_eq!(
+            live.matches(r#"matcher: { exact: "sync.test" }"#).count(),
+            2
+        );
+        assert_eq!(
+            live.matches(r#"private_key: { filename: "/tls/envoy.key" }"#)
+                .count(),
+            2
+        );
+        assert!(live.contains(r#""bearer_token": "t0ken""#));
+        assert!(live.contains(r#""clusters": ["etcd_mesh_sync_0", "etcd_mesh_sync_1"]"#));
+        assert_eq!(
+            sync_clusters_tls_yaml(&[SocketAddr::from(([10, 0, 0, 5], 8443))], &tls)
+                .matches("sni: \"sync.test\"")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn without_a_client_certificate_or_token_they_are_left_out() {
+        let tls = TlsUpstream {
+            ca: PathBuf::from("/tls/ca.pem"),
+            sni: "sync.test".to_owned(),
+            client_cert: None,
+            token: None,
+        };
+        let live = uncommented(&render(&tls));
+        assert!(!live.contains("{{"), "{live}");
+        assert!(!live.contains("tls_certificates"));
+        assert!(!live.contains("bearer_token"));
+    }
+
+    #[test]
+    fn the_tls_template_is_the_plain_one_plus_the_token() {
+        // Outside comments they differ by the poller's bearer token only
+        // (the transport sockets come with {{SYNC_CLUSTERS}}): a change to
+        // envoy/etcd-mesh.yaml must be made to the TLS template too.
+        let read = |path: PathBuf| std::fs::read_to_string(path).expect("template");
+        let plain = uncommented(&read(envoy_template_path()));
+        let tls = uncommented(&read(envoy_tls_template_path()))
+            .replace(r#", "bearer_token": "{{SYNC_TOKEN}}""#, "");
+        assert_eq!(
+            plain, tls,
+            "envoy/etcd-mesh-tls.yaml has drifted from etcd-mesh.yaml"
+        );
+    }
+
+    #[test]
+    fn the_plain_template_renders_as_before() {
+        let template = std::fs::read_to_string(envoy_template_path()).expect("template");
+        let addr = SocketAddr::from(([127, 0, 0, 1], 8090));
+        let rendered = render_envoy_config(&template, addr, addr, &[addr], Path::new("/p.wasm"));
+        let live = uncommented(&rendered);
+        assert!(!live.contains("{{"), "{live}");
+        assert!(!live.contains("transport_socket"));
+        assert!(live.contains("  - name: etcd_mesh_sync_0\n"));
     }
 }
