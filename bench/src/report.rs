@@ -130,6 +130,12 @@ pub fn markdown(r: &Value, b: &Value) -> String {
     md += &scale_section(&r["scale"], &b["scale"]);
     md += &health_section(&r["health"]);
     md += &replicas_section(&r["replicas"]);
+    // The partition matrix comes from the fault tests (root, network
+    // namespaces), kept beside the benchmark's own sections.
+    if let Ok(partitions) = std::fs::read_to_string("bench/partitions.md") {
+        md += "\n";
+        md += &partitions;
+    }
     md
 }
 
