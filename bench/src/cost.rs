@@ -11,8 +11,8 @@
 //! `/proc/<pid>/stat`.
 
 use crate::util::{cpu_seconds, h2load, median, percentile};
-use etcd_mesh_demo::stack::{free_port, lb_endpoints_yaml, wasm_path, Envoy, EnvoyOptions};
 use etcd_mesh_e2e::Mesh;
+use etcd_mesh_testkit::{free_port, lb_endpoints_yaml, wasm_path, Envoy, EnvoyOptions};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -65,7 +65,7 @@ async fn static_envoy(
 ) -> anyhow::Result<Envoy> {
     std::fs::create_dir_all(dir)?;
     let template = std::fs::read_to_string(
-        etcd_mesh_demo::stack::workspace_root().join("bench/envoy-static.yaml"),
+        etcd_mesh_testkit::workspace_root().join("bench/envoy-static.yaml"),
     )?;
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));

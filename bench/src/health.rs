@@ -8,11 +8,11 @@ use crate::util::{cpu_seconds, median, peak_rss_mib};
 use etcd_client::{Client, PutOptions};
 use etcd_mesh_demo::client::{say, Client as EchoClient};
 use etcd_mesh_demo::proto::SayRequest;
-use etcd_mesh_demo::stack::{
+use etcd_mesh_e2e::Mesh;
+use etcd_mesh_testkit::{
     free_port, http_get, prometheus_value, wait_for, wait_ready, workspace_root, EnvoyOptions,
     Etcd, Proc,
 };
-use etcd_mesh_e2e::Mesh;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::process::Command;

@@ -19,7 +19,7 @@ fn first_line(program: &str, args: &[&str]) -> String {
 }
 
 pub fn environment() -> Value {
-    let envoy = etcd_mesh_demo::stack::envoy_bin().display().to_string();
+    let envoy = etcd_mesh_testkit::envoy_bin().display().to_string();
     json!({
         "date": first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

@@ -7,10 +7,10 @@
 use crate::util::{cpu_seconds, median, peak_rss_mib, percentile};
 use anyhow::Context;
 use etcd_client::{Client, Txn, TxnOp};
-use etcd_mesh_demo::stack::{
+use etcd_mesh_e2e::Mesh;
+use etcd_mesh_testkit::{
     free_port, http_get, prometheus_value, wait_for, wait_ready, workspace_root, Etcd, Proc,
 };
-use etcd_mesh_e2e::Mesh;
 use etcd_mesh_wire::Changes;
 use serde_json::{json, Value};
 use std::net::SocketAddr;

@@ -1,12 +1,14 @@
 //! The demo side of etcd-mesh: a tonic `demo.Echo` backend that registers
-//! itself in etcd, a client that counts which backend served each call, and
-//! [`stack`], the loopback test kit (`etcd-mesh-testkit`) that starts etcd
-//! and Envoy for `make run` and the end-to-end tests.
+//! itself in etcd, and a client that counts which backend served each call.
+//! The loopback test kit that starts etcd and Envoy for `make run` and the
+//! end-to-end tests is `etcd-mesh-testkit`; use it directly.
 
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod client;
+/// `etcd-mesh-testkit` under its old name, while `tests/src/lib.rs` still
+/// names it so; new code uses `etcd_mesh_testkit`.
 pub use etcd_mesh_testkit as stack;
 
 /// The generated `demo` protobuf and gRPC code.

@@ -129,7 +129,7 @@ impl EtcdOptions {
             request_timeout: Duration::from_secs(5),
             tls: None,
             user: None,
-            first_member: (random_fraction() * 1024.0) as usize,
+            first_member: fastrand::usize(..1024),
         }
     }
 
@@ -266,16 +266,7 @@ impl Backoff {
 
 /// A pause between `d/2` and `d`.
 fn jitter(d: Duration) -> Duration {
-    d / 2 + d.mul_f64(random_fraction() / 2.0)
-}
-
-/// A number in `[0, 1)`, different on each call: the standard library's
-/// hasher keys are random per process and change with every `RandomState`.
-fn random_fraction() -> f64 {
-    use std::hash::BuildHasher;
-    let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    // The top 53 bits fill an f64 mantissa exactly.
-    (bits >> 11) as f64 / (1u64 << 53) as f64
+    d / 2 + d.mul_f64(fastrand::f64() / 2.0)
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@
 //! [`app`] builds the router without a socket, so tests can drive it
 //! directly; every error is an [`ApiError`], answered as JSON.
 
+use crate::history::Position;
 use crate::metrics::{Metrics, WaiterGuard};
-use crate::publish::{Answer, Cursor, Position, Published, Publisher};
+use crate::publish::{Answer, Cursor, Published, Publisher};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

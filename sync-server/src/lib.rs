@@ -1,13 +1,18 @@
 //! sync-server: watches service registrations in etcd and serves them as
 //! versioned endpoint snapshots over HTTP.
 //!
-//! - [`format`] and [`registry`]: pure parsing and snapshot building;
+//! - [`format`], [`registry`] and [`tables`]: pure parsing, the
+//!   registrations seen and the tables built from them;
+//! - [`keyspace`]: the key ranges a watch configuration covers, and its
+//!   epoch;
 //! - [`etcd`]: list + watch, reconnecting, proving freshness (stale
 //!   without proof of contact with the etcd majority);
-//! - [`publish`]: the snapshot being served and the long-poll signal;
+//! - [`publish`] and [`history`]: the snapshot being served, the long-poll
+//!   signal, and what changed at each publication (for deltas);
 //! - [`health`] and [`observe`]: active gRPC health checks (when on),
 //!   their results put into what is served;
 //! - [`http`]: the v1 HTTP contract;
+//! - [`metrics`]: the counters and gauges of `/metrics`;
 //! - [`ui`]: the browser console at `/ui/`;
 //! - [`tls`]: HTTPS (certificate files, their reload, the listener).
 //!
@@ -18,19 +23,24 @@
 pub mod etcd;
 pub mod format;
 pub mod health;
+pub mod history;
 pub mod http;
+pub mod keyspace;
 pub mod metrics;
 pub mod observe;
 pub mod publish;
 pub mod registry;
 pub mod snapshot_file;
+pub mod tables;
 pub mod tls;
 pub mod ui;
 
 use crate::etcd::EtcdOptions;
 use crate::format::WatchSpec;
+use crate::history::HistoryLimits;
 use crate::http::{app, AppState};
-use crate::publish::{HistoryLimits, Publisher};
+use crate::metrics::{HealthMetrics, TlsMetrics};
+use crate::publish::Publisher;
 use crate::registry::Registry;
 use std::future::Future;
 use std::path::PathBuf;
@@ -107,7 +117,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let tls_metrics = Arc::new(tls::TlsMetrics::default());
+    let tls_metrics = Arc::new(TlsMetrics::default());
     let listener = match config.tls.clone() {
         Some(files) => {
             let (reloader, configs) = tls::Reloader::start(files, Arc::clone(&tls_metrics))?;
@@ -133,7 +143,7 @@ pub async fn run(
     }
     let registry = Arc::new(Mutex::new(Registry::new(config.watches)));
     if let Some(checks) = config.health {
-        let health_metrics = Arc::new(health::HealthMetrics::default());
+        let health_metrics = Arc::new(HealthMetrics::default());
         let _ = state.metrics.health.set(Arc::clone(&health_metrics));
         let (targets_tx, targets_rx) = tokio::sync::watch::channel(Arc::default());
         let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -281,7 +281,7 @@ impl Cli {
         }
         let mut config = sync_server::Config::new(etcd, self.watches);
         config.snapshot_file = self.snapshot_file;
-        config.history = sync_server::publish::HistoryLimits {
+        config.history = sync_server::history::HistoryLimits {
             changes: usize::try_from(self.history_changes).unwrap_or(usize::MAX),
             bytes: self.history_bytes,
         };

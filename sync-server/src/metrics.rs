@@ -3,6 +3,10 @@
 //! Counters are atomics bumped where things happen; gauges about the
 //! snapshot are read from what is published at scrape time, so they cannot
 //! disagree with what `/v1/snapshot` serves.
+//!
+//! Three sets: [`Metrics`], always; [`HealthMetrics`], the active health
+//! checks' own, while they run; [`TlsMetrics`], the HTTPS side's own, while
+//! it serves HTTPS.
 
 use crate::publish::Publisher;
 use crate::registry::unix_ms;
@@ -33,9 +37,9 @@ pub struct Metrics {
     pub changes_full_total: AtomicU64,
     pub changes_delta_total: AtomicU64,
     /// The health checks' own, when they run.
-    pub health: std::sync::OnceLock<Arc<crate::health::HealthMetrics>>,
+    pub health: std::sync::OnceLock<Arc<HealthMetrics>>,
     /// The HTTPS side's own, when it serves HTTPS.
-    pub tls: std::sync::OnceLock<Arc<crate::tls::TlsMetrics>>,
+    pub tls: std::sync::OnceLock<Arc<TlsMetrics>>,
 }
 
 impl Metrics {
@@ -233,5 +237,153 @@ pub struct WaiterGuard(Arc<Metrics>);
 impl Drop for WaiterGuard {
     fn drop(&mut self) {
         self.0.long_poll_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters and gauges of the checks, rendered into `/metrics`.
+#[derive(Debug, Default)]
+pub struct HealthMetrics {
+    /// Checks finished, whatever their answer.
+    pub checks_total: AtomicU64,
+    /// Checks that failed (a `NOT_SERVING` answer is not a failure).
+    pub failures_total: AtomicU64,
+    /// Targets now Unhealthy or NotServing.
+    pub unhealthy: AtomicU64,
+    /// Targets being checked.
+    pub targets: AtomicU64,
+    /// Checks in flight now.
+    pub in_flight: AtomicU64,
+    /// The most checks ever in flight at once (for tuning
+    /// `max_concurrent` and for tests).
+    pub peak_in_flight: AtomicU64,
+    /// Channels held: a target holds one from its check until a check
+    /// fails (so refused targets count while their check is in flight).
+    pub connections_open: AtomicU64,
+}
+
+impl HealthMetrics {
+    /// Appends the health-check rows in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, u64); 7] = [
+            (
+                "sync_server_health_checks_total",
+                "counter",
+                "active health checks finished",
+                load(&self.checks_total),
+            ),
+            (
+                "sync_server_health_check_failures_total",
+                "counter",
+                "active health checks that failed (no connection, error, timeout, unknown status)",
+                load(&self.failures_total),
+            ),
+            (
+                "sync_server_health_unhealthy_endpoints",
+                "gauge",
+                "checked endpoints now unhealthy or not serving",
+                load(&self.unhealthy),
+            ),
+            (
+                "sync_server_health_targets",
+                "gauge",
+                "endpoints being health-checked",
+                load(&self.targets),
+            ),
+            (
+                "sync_server_health_checks_in_flight",
+                "gauge",
+                "health checks in flight",
+                load(&self.in_flight),
+            ),
+            (
+                "sync_server_health_checks_in_flight_peak",
+                "gauge",
+                "the most health checks in flight at once",
+                load(&self.peak_in_flight),
+            ),
+            (
+                "sync_server_health_connections",
+                "gauge",
+                "connections held to checked endpoints",
+                load(&self.connections_open),
+            ),
+        ];
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+}
+
+/// Counters of the HTTPS side, rendered into `/metrics` when it is on.
+#[derive(Debug, Default)]
+pub struct TlsMetrics {
+    /// Handshakes that failed or timed out (a client without the right
+    /// certificate, a plain-HTTP client, a scanner).
+    pub handshake_failures: AtomicU64,
+    /// Times the files changed and were taken.
+    pub reloads: AtomicU64,
+    /// Times the files changed and could not be used (the previous
+    /// configuration was kept).
+    pub reload_failures: AtomicU64,
+}
+
+impl TlsMetrics {
+    /// Appends the TLS rows in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let rows = [
+            (
+                "sync_server_tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out",
+                &self.handshake_failures,
+            ),
+            (
+                "sync_server_tls_reloads_total",
+                "times the TLS files changed and were taken for new connections",
+                &self.reloads,
+            ),
+            (
+                "sync_server_tls_reload_failures_total",
+                "times the TLS files changed but could not be used (the previous ones are kept)",
+                &self.reload_failures,
+            ),
+        ];
+        for (name, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_help_type_and_value() {
+        let metrics = HealthMetrics::default();
+        metrics.checks_total.store(7, Ordering::Relaxed);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(out.contains(
+            "# HELP sync_server_health_checks_total active health checks finished\n\
+             # TYPE sync_server_health_checks_total counter\n\
+             sync_server_health_checks_total 7\n"
+        ));
+        for name in [
+            "sync_server_health_check_failures_total",
+            "sync_server_health_unhealthy_endpoints",
+            "sync_server_health_targets",
+            "sync_server_health_checks_in_flight",
+            "sync_server_health_connections",
+        ] {
+            assert!(out.contains(&format!("\n{name} 0\n")), "{name} in {out}");
+        }
     }
 }

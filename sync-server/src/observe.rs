@@ -1,16 +1,15 @@
 //! What this process observes of the endpoints, put into what it serves:
 //! the health-check results ([`crate::health`]) become each endpoint's
 //! `health`, published between etcd revisions (the position's health
-//! count moves on, see [`crate::publish::Position`]).
+//! count moves on, see [`crate::history::Position`]).
 //!
 //! Two tasks: one keeps the health checks' target list in step with the
 //! published tables; the other applies the checks' results to the
 //! registry and publishes the services they changed, in batches.
 
-use crate::etcd::lock;
 use crate::health::{Target, Transition};
 use crate::publish::Publisher;
-use crate::registry::{unix_ms, Registry};
+use crate::registry::{lock, unix_ms, Registry};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};

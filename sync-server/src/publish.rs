@@ -1,12 +1,12 @@
 //! What is being served, and the signal long-polls wait on.
 //!
 //! The etcd loop publishes the tables at each new revision together with
-//! the change history: which services and rejections changed at each
-//! revision, bounded by count and bytes. A [`Published`] is immutable; the
-//! persistent maps inside make each one cost O(change) to make. Answers are
-//! encoded lazily and once: the full snapshot on first request, each
-//! change-feed answer once per (since, scope), shared by every response
-//! that sends it.
+//! the change history ([`crate::history`]): which services and rejections
+//! changed at each revision, bounded by count and bytes. A [`Published`] is
+//! immutable; the persistent maps inside make each one cost O(change) to
+//! make. Answers are encoded lazily and once: the full snapshot on first
+//! request, each change-feed answer once per (since, scope), shared by
+//! every response that sends it.
 //!
 //! Every replica over the same etcd cluster and `--watch` flags serves the
 //! same content at the same revision under the same epoch, so its deltas
@@ -17,7 +17,8 @@
 //! ([`Publisher::update`]), so a stale mark cannot undo a concurrent
 //! publication.
 
-use crate::registry::{Commit, Tables};
+use crate::history::{Changed, History, HistoryLimits, Position};
+use crate::tables::{Commit, Tables};
 use axum::body::Bytes;
 use axum::http::HeaderValue;
 use etcd_mesh_wire::{Digest, Snapshot};
@@ -27,132 +28,6 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
-
-/// How much change history is kept to answer deltas.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HistoryLimits {
-    /// Revisions (one per etcd watch response).
-    pub changes: usize,
-    /// Bytes of names held by those revisions, approximately.
-    pub bytes: usize,
-}
-
-impl Default for HistoryLimits {
-    fn default() -> Self {
-        HistoryLimits {
-            changes: 10_000,
-            bytes: 64 << 20,
-        }
-    }
-}
-
-/// Where a publication stands: the etcd revision, then the count of
-/// health-check changes (which move the tables without a new revision).
-/// Both only grow within one process, so positions order publications.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Position {
-    pub revision: u64,
-    pub health: u64,
-}
-
-impl Position {
-    pub fn new(revision: u64, health: u64) -> Self {
-        Position { revision, health }
-    }
-
-    /// A client that names a revision but no health count (one that does
-    /// not follow health changes) holds that revision's last publication.
-    pub fn of_client(revision: u64, health: Option<u64>) -> Self {
-        Position::new(revision, health.unwrap_or(u64::MAX))
-    }
-}
-
-/// What changed at one position (since the one published before it).
-#[derive(Debug)]
-struct LogEntry {
-    position: Position,
-    services: Vec<Arc<str>>,
-    rejections: Vec<Arc<str>>,
-    bytes: usize,
-}
-
-/// The changes of the last publications. Answers "what changed after
-/// `since`" for any `since` from `floor` on.
-#[derive(Debug, Clone)]
-pub struct History {
-    entries: imbl::Vector<Arc<LogEntry>>,
-    floor: Position,
-    bytes: usize,
-    limits: HistoryLimits,
-}
-
-/// The names of what changed after some revision.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Changed {
-    pub services: BTreeSet<Arc<str>>,
-    pub rejections: BTreeSet<Arc<str>>,
-}
-
-impl History {
-    /// An empty history of tables first published at `position`.
-    pub fn new(position: Position, limits: HistoryLimits) -> Self {
-        History {
-            entries: imbl::Vector::new(),
-            floor: position,
-            bytes: 0,
-            limits,
-        }
-    }
-
-    /// The oldest position a delta can start from.
-    pub fn floor(&self) -> Position {
-        self.floor
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn push(&mut self, position: Position, commit: Commit) {
-        let names = commit.services.iter().chain(&commit.rejections);
-        let bytes = 64 + names.map(|n| n.len() + 16).sum::<usize>();
-        self.entries.push_back(Arc::new(LogEntry {
-            position,
-            services: commit.services,
-            rejections: commit.rejections,
-            bytes,
-        }));
-        self.bytes += bytes;
-        while self.entries.len() > self.limits.changes.max(1) || self.bytes > self.limits.bytes {
-            let Some(oldest) = self.entries.pop_front() else {
-                break;
-            };
-            self.bytes -= oldest.bytes;
-            self.floor = oldest.position;
-        }
-    }
-
-    /// What changed after `since`; `None` when `since` is older than the
-    /// history kept.
-    pub fn since(&self, since: Position) -> Option<Changed> {
-        if since < self.floor {
-            return None;
-        }
-        let mut changed = Changed::default();
-        for entry in self.entries.iter().rev() {
-            if entry.position <= since {
-                break;
-            }
-            changed.services.extend(entry.services.iter().cloned());
-            changed.rejections.extend(entry.rejections.iter().cloned());
-        }
-        Some(changed)
-    }
-}
 
 /// What a change-feed client holds and wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -287,16 +162,37 @@ impl Published {
             observer: None,
             scope: cursor.scope.clone(),
         };
-        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, answer)) = answers.iter().find(|(k, _)| *k == key) {
-            return Some(Arc::clone(answer));
+        if let Some(answer) = self.kept_answer(&key) {
+            return Some(answer);
         }
+        // Encoded without the lock, so that encoding a large answer holds
+        // up no other request; two requests for the same answer may both
+        // encode it, and share the one kept first.
         let answer = Arc::new(self.encode_changes(key.since, changed, key.scope.as_deref()));
+        Some(self.keep_answer(key, answer))
+    }
+
+    /// The answer kept for `key`, if any.
+    fn kept_answer(&self, key: &Cursor) -> Option<Arc<Answer>> {
+        let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, answer)| Arc::clone(answer))
+    }
+
+    /// Keeps `answer` for `key` and returns it, or returns the one kept for
+    /// `key` meanwhile.
+    fn keep_answer(&self, key: Cursor, answer: Arc<Answer>) -> Arc<Answer> {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, kept)) = answers.iter().find(|(k, _)| *k == key) {
+            return Arc::clone(kept);
+        }
         if answers.len() == ANSWERS_KEPT {
             answers.pop_front();
         }
         answers.push_back((key, Arc::clone(&answer)));
-        Some(answer)
+        answer
     }
 
     fn encode_changes(
@@ -305,6 +201,8 @@ impl Published {
         changed: Option<Changed>,
         scope: Option<&BTreeSet<String>>,
     ) -> Answer {
+        #[cfg(test)]
+        tests::encoding(self);
         let in_scope = |name: &str| scope.is_none_or(|s| s.contains(name));
         let services = &self.tables.services;
         let mut out = ChangesOut {
@@ -584,16 +482,27 @@ impl Publisher {
 
 /// A short random name for this process.
 fn process_tag() -> String {
-    use std::hash::BuildHasher;
-    // The standard library's hasher keys are random per process.
-    let bits = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
-    format!("{:08x}", bits as u32)
+    format!("{:08x}", fastrand::u32(..))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use etcd_mesh_wire::{Changes, Endpoint, Service};
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Whether the answer cache was locked when this thread last began
+        /// encoding a change-feed answer.
+        static ENCODED_UNDER_LOCK: Cell<Option<bool>> = const { Cell::new(None) };
+    }
+
+    /// Called as each change-feed answer begins to be encoded.
+    pub(super) fn encoding(published: &Published) {
+        // This thread holds the lock if anyone does: each test has its own.
+        let locked = published.answers.try_lock().is_err();
+        ENCODED_UNDER_LOCK.with(|under| under.set(Some(locked)));
+    }
 
     fn service(port: u16, weight: u32) -> Service {
         Service {
@@ -764,23 +673,45 @@ mod tests {
     }
 
     #[test]
-    fn history_is_bounded_by_bytes() {
-        let mut history = History::new(
-            Position::new(1, 0),
-            HistoryLimits {
-                changes: 100,
-                bytes: 500,
-            },
-        );
-        for revision in 2..50 {
-            history.push(Position::new(revision, 0), commit(&["a-service-name"]));
+    fn answers_are_encoded_outside_the_cache_lock() {
+        let p = Publisher::default();
+        let v1 = snapshot(10, &[("a", service(1, 1))]);
+        p.publish_reset("e", 10, Tables::from_snapshot(&v1));
+        let v2 = snapshot(11, &[("a", service(1, 2))]);
+        p.publish_change(11, commit(&["a"]), Tables::from_snapshot(&v2));
+        for cursor in [since(10), Cursor::default()] {
+            ENCODED_UNDER_LOCK.with(|under| under.set(None));
+            assert!(changes(&p, cursor).is_some());
+            assert_eq!(
+                ENCODED_UNDER_LOCK.with(Cell::get),
+                Some(false),
+                "encoded, and not under the lock"
+            );
         }
-        assert!(history.len() < 10, "{}", history.len());
-        assert!(history.since(history.floor()).is_some());
-        let floor = history.floor();
-        assert!(history
-            .since(Position::new(floor.revision - 1, 0))
-            .is_none());
+    }
+
+    #[test]
+    fn an_answer_encoded_twice_is_kept_once() {
+        let p = Publisher::default();
+        p.publish_reset("e", 10, Tables::default());
+        let current = p.current().expect("published");
+        let answer = || {
+            Arc::new(Answer {
+                body: Bytes::from_static(b"{}"),
+                full: true,
+                empty: false,
+            })
+        };
+        // Two requests for one answer both encoded it: the second gets the
+        // first's, and one is kept.
+        let (first, second) = (answer(), answer());
+        let kept = current.keep_answer(Cursor::default(), Arc::clone(&first));
+        assert!(Arc::ptr_eq(&kept, &first));
+        let kept = current.keep_answer(Cursor::default(), second);
+        assert!(Arc::ptr_eq(&kept, &first));
+        assert_eq!(current.answers.lock().expect("not poisoned").len(), 1);
+        let served = current.changes(&Cursor::default()).expect("an answer");
+        assert!(Arc::ptr_eq(&served, &first));
     }
 
     #[test]

@@ -3,9 +3,8 @@
 //! Pure state: the etcd loop feeds it a listing and then watch events, and
 //! calls [`Registry::commit`] after each batch. A commit rebuilds only the
 //! services whose keys changed and reports which services and rejections
-//! really changed, so the cost of a change is the size of the change. The
-//! built tables are persistent maps: a published copy costs O(1), and
-//! each service is encoded once, when it changes. Nothing here does I/O.
+//! really changed, so the cost of a change is the size of the change. What
+//! it builds are [`Tables`] ([`crate::tables`]). Nothing here does I/O.
 //!
 //! Duplicates: when one service has the same address under two keys, the
 //! most recently written key (highest `mod_revision`, then the greater key)
@@ -15,112 +14,13 @@
 //! observed of it: when it began serving (`serving_since_ms`: its arrival
 //! after the first listing, or its return to health) and its health-check
 //! result. Those are this process's own: another replica, or this one
-//! after a restart, has its own (the epoch says so, see [`crate::etcd`]).
+//! after a restart, has its own (the epoch says so, see [`crate::keyspace`]).
 
 use crate::format::{parse, Registration, WatchSpec};
-use etcd_mesh_wire::{Digest, Endpoint, Health, Service};
-use serde_json::value::RawValue;
+use crate::tables::{Commit, Tables};
+use etcd_mesh_wire::{Endpoint, Health, Service};
 use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
-
-/// One service as served: decoded, encoded once, and hashed once.
-#[derive(Debug)]
-pub struct BuiltService {
-    pub service: Service,
-    /// The canonical JSON of `service` ([`Service::encode`]).
-    pub json: Box<RawValue>,
-    /// Its contribution to the tables' [`Digest`].
-    pub digest: u64,
-}
-
-impl BuiltService {
-    pub fn new(name: &str, service: Service) -> Self {
-        let encoded = String::from_utf8(service.encode()).unwrap_or_default();
-        let digest = Digest::of_encoded(name, encoded.as_bytes());
-        let json = RawValue::from_string(encoded)
-            .unwrap_or_else(|_| RawValue::from_string("{}".into()).unwrap_or_default());
-        BuiltService {
-            service,
-            json,
-            digest,
-        }
-    }
-}
-
-/// Services by name. Cloning one is O(1).
-pub type Services = imbl::OrdMap<Arc<str>, Arc<BuiltService>>;
-/// Rejection reasons by key. Cloning one is O(1).
-pub type Rejections = imbl::OrdMap<Arc<str>, Arc<str>>;
-
-/// The built tables at one revision.
-#[derive(Debug, Clone, Default)]
-pub struct Tables {
-    pub services: Services,
-    pub rejected: Rejections,
-    pub digest: Digest,
-    pub endpoints: usize,
-}
-
-impl Tables {
-    /// Tables holding `snapshot`'s content (a snapshot file, a test).
-    pub fn from_snapshot(snapshot: &etcd_mesh_wire::Snapshot) -> Self {
-        let mut tables = Tables::default();
-        for (name, service) in &snapshot.services {
-            tables.set_service(name, Some(service.clone()));
-        }
-        for rejected in &snapshot.rejected {
-            tables.rejected.insert(
-                rejected.key.as_str().into(),
-                rejected.reason.as_str().into(),
-            );
-        }
-        tables
-    }
-
-    /// Puts (or with `None` removes) a service; false if nothing changed.
-    fn set_service(&mut self, name: &str, service: Option<Service>) -> bool {
-        let held = self.services.get(name);
-        if held.map(|b| &b.service) == service.as_ref() {
-            return false;
-        }
-        if let Some(old) = held {
-            self.digest.remove(old.digest);
-            self.endpoints -= old.service.endpoints.len();
-        }
-        match service {
-            Some(service) => {
-                let built = BuiltService::new(name, service);
-                self.digest.add(built.digest);
-                self.endpoints += built.service.endpoints.len();
-                self.services.insert(name.into(), Arc::new(built));
-            }
-            None => {
-                self.services.remove(name);
-            }
-        }
-        true
-    }
-
-    /// Sets (or with `None` clears) a rejection; false if nothing changed.
-    fn set_rejection(&mut self, key: &str, reason: Option<String>) -> bool {
-        if self.rejected.get(key).map(|r| &**r) == reason.as_deref() {
-            return false;
-        }
-        match reason {
-            Some(reason) => self.rejected.insert(key.into(), reason.into()),
-            None => self.rejected.remove(key),
-        };
-        true
-    }
-}
-
-/// What one commit changed: the services added, changed or removed, and
-/// the keys whose rejection appeared, changed or went.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Commit {
-    pub services: Vec<Arc<str>>,
-    pub rejections: Vec<Arc<str>>,
-}
+use std::sync::Mutex;
 
 #[derive(Debug)]
 struct Entry {
@@ -168,6 +68,9 @@ pub struct Registry {
     /// The `mod_revision` of each rejected key already reported, so that a
     /// re-listing does not report (log, count) the same rejection again.
     reported: HashMap<Id, i64>,
+    /// Whether a re-listing is under way (since [`Registry::reset`]): its
+    /// commit forgets the reports of keys it did not list again.
+    relisting: bool,
     /// What changed since the last commit.
     touched_services: HashSet<String>,
     touched_keys: HashSet<Vec<u8>>,
@@ -188,6 +91,7 @@ impl Registry {
             duplicates: HashMap::new(),
             revision: 0,
             reported: HashMap::new(),
+            relisting: false,
             touched_services: HashSet::new(),
             touched_keys: HashSet::new(),
             tables: Tables::default(),
@@ -209,8 +113,10 @@ impl Registry {
     }
 
     /// Forgets every registration, for a fresh listing at `revision`. The
-    /// tables stay until the next commit, which reports what differs.
+    /// tables stay until the next commit, which reports what differs (and
+    /// forgets the rejections of keys the listing no longer holds).
     pub fn reset(&mut self, revision: u64) {
+        self.relisting = true;
         self.entries.clear();
         self.by_service.clear();
         self.duplicates.clear();
@@ -331,6 +237,12 @@ impl Registry {
             }
         }
         self.primed = true;
+        if std::mem::take(&mut self.relisting) {
+            // A key deleted while etcd was away: its report goes too, so
+            // that the key is reported again if it comes back.
+            let entries = &self.entries;
+            self.reported.retain(|id, _| entries.contains_key(id));
+        }
         let mut keys: Vec<Vec<u8>> = self.touched_keys.drain().collect();
         keys.sort();
         for key in keys {
@@ -505,6 +417,12 @@ impl Registry {
     }
 }
 
+/// The registry, even if a panic poisoned its lock (its state is
+/// consistent between calls: nothing panics half-way through one).
+pub fn lock(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    registry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The time now, in Unix milliseconds.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -520,6 +438,7 @@ fn lossy(key: &[u8]) -> String {
 mod tests {
     use super::*;
     use etcd_mesh_wire::Snapshot;
+    use std::sync::Arc;
 
     fn registry() -> Registry {
         Registry::new(vec![
@@ -776,6 +695,32 @@ mod tests {
         // Fixing the value clears the rejection.
         r.put(0, b"svc/s/x", &naming("127.0.0.1:2", 1), 5);
         assert!(snapshot(&mut r).rejected.is_empty());
+    }
+
+    /// A rejected key deleted while etcd was away is missing from the
+    /// re-listing: its rejection goes from the tables, and its report too.
+    #[test]
+    fn a_rejected_key_gone_from_a_relisting_is_forgotten() {
+        let mut r = registry();
+        assert!(matches!(r.put(0, b"svc/s/x", b"{", 3), Change::Rejected(_)));
+        r.put(0, b"svc/s/y", &naming("127.0.0.1:1", 1), 4);
+        assert_eq!(r.commit().rejections, [Arc::from("svc/s/x")]);
+
+        r.reset(6);
+        r.put(0, b"svc/s/y", &naming("127.0.0.1:1", 1), 4);
+        assert_eq!(r.commit().rejections, [Arc::from("svc/s/x")]);
+        assert!(r.tables().rejected.is_empty());
+        assert!(r.reported.is_empty(), "{:?}", r.reported);
+
+        // Back with the same revision (etcd restored from a backup): a
+        // rejection to report again.
+        assert!(matches!(r.put(0, b"svc/s/x", b"{", 3), Change::Rejected(_)));
+        // A key still listed stays reported across a re-listing.
+        r.commit();
+        r.reset(6);
+        assert_eq!(r.put(0, b"svc/s/x", b"{", 3), Change::Unchanged);
+        r.commit();
+        assert_eq!(r.reported.len(), 1);
     }
 
     #[test]

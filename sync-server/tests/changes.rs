@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use sync_server::publish::HistoryLimits;
+use sync_server::history::HistoryLimits;
 use sync_server::Config;
 
 /// One change-feed request: (status, answer if 200, body length).

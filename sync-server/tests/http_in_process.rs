@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use sync_server::http::{app, AppState};
 use sync_server::publish::Publisher;
-use sync_server::registry::{Commit, Tables};
+use sync_server::tables::{Commit, Tables};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 

@@ -25,12 +25,12 @@ pub fn envoy_bin() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"))
 }
 
-/// The plugin: `$ETCD_MESH_WASM`, or the release build.
+/// The plugin: `$ETCD_MESH_WASM`, or the build of the `wasm` profile.
 pub fn wasm_path() -> PathBuf {
     std::env::var_os("ETCD_MESH_WASM")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            workspace_root().join("target/wasm32-unknown-unknown/release/etcd_mesh_plugin.wasm")
+            workspace_root().join("target/wasm32-unknown-unknown/wasm/etcd_mesh_plugin.wasm")
         })
 }
 

@@ -42,27 +42,13 @@ pub fn free_port() -> io::Result<u16> {
     if ephemeral_low > FLOOR + 1_000 {
         let span = u64::from(ephemeral_low - FLOOR);
         for _ in 0..64 {
-            let port = FLOOR + u16::try_from(random() % span).unwrap_or(0);
+            let port = FLOOR + u16::try_from(fastrand::u64(..span)).unwrap_or(0);
             if TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return Ok(port);
             }
         }
     }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A different number each call (time, process and a counter, mixed by
-/// the routing core's SplitMix64): enough to spread concurrent tests over
-/// the port range.
-fn random() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let seed =
-        nanos ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
-    etcd_mesh_routing::rng::SplitMix64::new(seed).next_u64()
 }
 
 /// Fails with a message naming `what` if `127.0.0.1:port` is taken.

@@ -23,11 +23,11 @@
 //! compare configurations: docs/backend-failures.md has the figures.
 
 use etcd_mesh_demo::client::{self, split};
-use etcd_mesh_demo::stack::{wait_for, Envoy, Etcd, Net, NetEtcd};
 use etcd_mesh_e2e::{
     percentile, settle_on, start_envoy_edited, start_sync_server_with, BackendProcess, Mesh,
     NetBackend, TimedCall, TimedLoad, DEADLINE,
 };
+use etcd_mesh_testkit::{wait_for, Envoy, Etcd, Net, NetEtcd};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -13,8 +13,8 @@
 //! `$ETCD_MESH_CONSOLE_SCREENSHOT`.
 
 use etcd_client::Client as EtcdClient;
-use etcd_mesh_demo::stack::{free_port, http_get, http_get_with, wait_for, wait_ready, Etcd, Proc};
 use etcd_mesh_demo::DEMO_PREFIX;
+use etcd_mesh_testkit::{free_port, http_get, http_get_with, wait_for, wait_ready, Etcd, Proc};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;

@@ -5,10 +5,10 @@
 
 use etcd_client::{Client, CompactionOptions};
 use etcd_mesh_demo::client::split;
-use etcd_mesh_demo::stack::{http_get, wait_for, EnvoyOptions};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_e2e::{assert_split, Mesh, DEADLINE};
 use etcd_mesh_registration::Instance;
+use etcd_mesh_testkit::{http_get, wait_for, EnvoyOptions};
 use etcd_mesh_wire::{Digest, Snapshot};
 
 /// The digest of a full snapshot's services, as any client computes it.

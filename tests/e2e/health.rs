@@ -4,10 +4,10 @@
 
 use etcd_mesh_demo::client::{self, split};
 use etcd_mesh_demo::proto::SayRequest;
-use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions};
 use etcd_mesh_demo::DEMO_SERVICE;
 use etcd_mesh_e2e::{settle_on, Backend, BackendProcess, Mesh, DEADLINE};
 use etcd_mesh_routing::SlowStart;
+use etcd_mesh_testkit::{wait_for, Envoy, EnvoyOptions};
 use etcd_mesh_wire::{Endpoint, Health};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 
 use etcd_mesh_demo::client::{say, split};
 use etcd_mesh_demo::proto::SayRequest;
-use etcd_mesh_demo::stack::{http_get, wait_for, Envoy, EnvoyOptions};
 use etcd_mesh_e2e::{assert_split, load, Backend, BackgroundLoad, Mesh, DEADLINE};
+use etcd_mesh_testkit::{http_get, wait_for, Envoy, EnvoyOptions};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,10 +2,10 @@
 //! snapshot and the traffic; a drained instance whose process still runs
 //! stays in the snapshot at weight 0 until that process deregisters.
 
-use etcd_mesh_demo::stack::wait_for;
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_e2e::{Mesh, DEADLINE};
 use etcd_mesh_registration::{admin, Instance};
+use etcd_mesh_testkit::wait_for;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,10 +7,10 @@
 
 use etcd_client::Client;
 use etcd_mesh_demo::client::split;
-use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_e2e::{Backend, Frozen, SyncServerProcess, DEADLINE};
 use etcd_mesh_registration::Instance;
+use etcd_mesh_testkit::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use std::time::{Duration, Instant};
 
 /// The longest a failover may take (the bound).
@@ -291,7 +291,7 @@ async fn replicas_with_different_health_views_never_make_picks_flap() {
     draining.set_serving(false);
     let revision = wait_for("both backends listed", DEADLINE, || async {
         let status = layout.replicas[1].status().await?;
-        let snapshot = etcd_mesh_demo::stack::fetch_snapshot(layout.replicas[1].addr).await?;
+        let snapshot = etcd_mesh_testkit::fetch_snapshot(layout.replicas[1].addr).await?;
         let listed = snapshot.services.get(DEMO_SERVICE)?.endpoints.len();
         (listed == 2).then_some(status.revision)
     })
@@ -302,7 +302,7 @@ async fn replicas_with_different_health_views_never_make_picks_flap() {
         "replica 0 to see the NOT_SERVING backend",
         DEADLINE,
         || async {
-            let snapshot = etcd_mesh_demo::stack::fetch_snapshot(layout.replicas[0].addr).await?;
+            let snapshot = etcd_mesh_testkit::fetch_snapshot(layout.replicas[0].addr).await?;
             let endpoints = &snapshot.services.get(DEMO_SERVICE)?.endpoints;
             endpoints
                 .iter()

@@ -3,8 +3,8 @@
 
 use etcd_mesh_demo::client::{say, split};
 use etcd_mesh_demo::proto::SayRequest;
-use etcd_mesh_demo::stack::wait_for;
 use etcd_mesh_e2e::{assert_split, Backend, Mesh, DEADLINE};
+use etcd_mesh_testkit::wait_for;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tonic::Code;

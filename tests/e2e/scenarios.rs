@@ -4,10 +4,10 @@
 use etcd_client::Client as EtcdClient;
 use etcd_mesh_demo::client::say;
 use etcd_mesh_demo::proto::SayRequest;
-use etcd_mesh_demo::stack::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_e2e::{settle_on, start_sync_server_on, Backend, BackgroundLoad, Mesh, DEADLINE};
 use etcd_mesh_registration::{admin, Instance};
+use etcd_mesh_testkit::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
 use etcd_mesh_wire::Snapshot;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 const MAX_CALLS: usize = 200_000;
 
 async fn listed(sync: SocketAddr) -> Option<Snapshot> {
-    etcd_mesh_demo::stack::fetch_snapshot(sync).await
+    etcd_mesh_testkit::fetch_snapshot(sync).await
 }
 
 fn addrs(snapshot: &Snapshot) -> BTreeSet<String> {
@@ -116,7 +116,7 @@ async fn an_etcd_member_killed_and_restarted_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_server_replica_killed_under_load() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let etcd = etcd_mesh_demo::stack::Etcd::start(dir.path())
+    let etcd = etcd_mesh_testkit::Etcd::start(dir.path())
         .await
         .expect("etcd");
     let mut replicas = Vec::new();

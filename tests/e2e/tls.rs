@@ -18,13 +18,13 @@
 use etcd_mesh_demo::backend::EchoBackend;
 use etcd_mesh_demo::client::{connect, split};
 use etcd_mesh_demo::proto::echo_server::EchoServer;
-use etcd_mesh_demo::stack::{
-    render_envoy_tls_config, wait_for, wasm_path, workspace_root, Envoy, EnvoyOptions, Host, Net,
-    NetEtcd, Proc, TestCa, TestCert, TlsUpstream,
-};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_e2e::{Backend, DEADLINE};
 use etcd_mesh_registration::{Instance, Registration};
+use etcd_mesh_testkit::{
+    render_envoy_tls_config, wait_for, wasm_path, workspace_root, Envoy, EnvoyOptions, Host, Net,
+    NetEtcd, Proc, TestCa, TestCert, TlsUpstream,
+};
 use etcd_mesh_wire::{Health, Snapshot, Status};
 use rustls::client::Resumption;
 use rustls::{ClientConfig, RootCertStore};
@@ -513,11 +513,11 @@ async fn health_checks_and_envoy_reach_backends_over_tls() {
         std::fs::read_to_string(workspace_root().join("envoy/etcd-mesh-tls.yaml")).expect("read");
     let listen = SocketAddr::from((
         [127, 0, 0, 1],
-        etcd_mesh_demo::stack::free_port().expect("port"),
+        etcd_mesh_testkit::free_port().expect("port"),
     ));
     let admin = SocketAddr::from((
         [127, 0, 0, 1],
-        etcd_mesh_demo::stack::free_port().expect("port"),
+        etcd_mesh_testkit::free_port().expect("port"),
     ));
     let rendered = render_envoy_tls_config(
         &template,
@@ -542,7 +542,7 @@ async fn health_checks_and_envoy_reach_backends_over_tls() {
         .expect("Envoy with TLS to sync-server and backends");
     let digest = wait_for("sync-server's tables digest", DEADLINE, || async {
         let (_, metrics) = https_get(&probe, sync_addr, "/metrics").await?;
-        etcd_mesh_demo::stack::prometheus_value(&metrics, "sync_server_tables_digest")
+        etcd_mesh_testkit::prometheus_value(&metrics, "sync_server_tables_digest")
     })
     .await
     .expect("digest");

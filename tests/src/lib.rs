@@ -6,11 +6,11 @@
 
 #![forbid(unsafe_code)]
 
-use etcd_mesh_demo::stack::{
-    fetch_snapshot, http_get, prometheus_value, wait_for, wait_ready, Envoy, EnvoyOptions, Etcd,
-};
 use etcd_mesh_demo::{backend, client, DEMO_PREFIX, DEMO_SERVICE};
 use etcd_mesh_registration::{Instance, Registration};
+use etcd_mesh_testkit::{
+    fetch_snapshot, http_get, prometheus_value, wait_for, wait_ready, Envoy, EnvoyOptions, Etcd,
+};
 use etcd_mesh_wire::Snapshot;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -583,7 +583,7 @@ pub async fn start_envoy_edited(
     concurrency: u32,
     edit: impl Fn(String) -> String,
 ) -> Envoy {
-    use etcd_mesh_demo::stack::{envoy_template_path, free_port, render_envoy_config, wasm_path};
+    use etcd_mesh_testkit::{envoy_template_path, free_port, render_envoy_config, wasm_path};
     let template = std::fs::read_to_string(envoy_template_path()).expect("the Envoy template");
     let mut last = String::new();
     // A picked port may be taken before Envoy binds it: then fresh ones.

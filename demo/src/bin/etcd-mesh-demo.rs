@@ -7,11 +7,11 @@
 //! the browser console at `/ui/`.
 
 use etcd_mesh_demo::client::{connect, split};
-use etcd_mesh_demo::stack::{
+use etcd_mesh_demo::{wait_for_stop_signal, DEMO_PREFIX, DEMO_SERVICE};
+use etcd_mesh_testkit::{
     ensure_free, fetch_snapshot, free_port, http_get, wait_for, wait_ready, Envoy, EnvoyOptions,
     Etcd, Proc,
 };
-use etcd_mesh_demo::{wait_for_stop_signal, DEMO_PREFIX, DEMO_SERVICE};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, ExitCode};
