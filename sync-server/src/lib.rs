@@ -118,11 +118,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let tls_metrics = Arc::new(TlsMetrics::default());
+    // The tasks the server cannot do without: each ends only on shutdown,
+    // and one that ends before (a panic: native code unwinds) stops the
+    // server, so that it is restarted rather than serving on half-dead.
+    let mut essential = Essential::default();
     let listener = match config.tls.clone() {
         Some(files) => {
             let (reloader, configs) = tls::Reloader::start(files, Arc::clone(&tls_metrics))?;
             let listener = tls::TlsListener::new(listener, configs, Arc::clone(&tls_metrics))?;
-            tokio::spawn(reloader.run(tls::RELOAD_CHECK_PERIOD, shutdown.clone()));
+            essential.spawn(
+                "the TLS file reloader",
+                reloader.run(tls::RELOAD_CHECK_PERIOD, shutdown.clone()),
+            );
             Listening::Tls(listener)
         }
         None => Listening::Plain(listener),
@@ -147,39 +154,51 @@ pub async fn run(
         let _ = state.metrics.health.set(Arc::clone(&health_metrics));
         let (targets_tx, targets_rx) = tokio::sync::watch::channel(Arc::default());
         let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(observe::follow_targets(
-            Arc::clone(&registry),
-            publisher.clone(),
-            targets_tx,
-            shutdown.clone(),
-        ));
-        tokio::spawn(observe::apply_health(
-            Arc::clone(&registry),
-            publisher.clone(),
-            results_rx,
-            shutdown.clone(),
-        ));
-        tokio::spawn(health::run_with_tls(
-            checks,
-            config.health_tls,
-            targets_rx,
-            results_tx,
-            health_metrics,
-            shutdown.clone(),
-        ));
+        essential.spawn(
+            "the health-check target follower",
+            observe::follow_targets(
+                Arc::clone(&registry),
+                publisher.clone(),
+                targets_tx,
+                shutdown.clone(),
+            ),
+        );
+        essential.spawn(
+            "the health-check result publisher",
+            observe::apply_health(
+                Arc::clone(&registry),
+                publisher.clone(),
+                results_rx,
+                shutdown.clone(),
+            ),
+        );
+        essential.spawn(
+            "the health-check scheduler",
+            health::run_with_tls(
+                checks,
+                config.health_tls,
+                targets_rx,
+                results_tx,
+                health_metrics,
+                shutdown.clone(),
+            ),
+        );
     }
     let sync_options = etcd::SyncOptions {
         etcd: config.etcd,
         page_size: config.list_page_size,
         freshness_timeout: config.freshness_timeout,
     };
-    let mut sync = tokio::spawn(etcd::sync(
-        sync_options,
-        registry,
-        publisher.clone(),
-        Arc::clone(&state.metrics),
-        shutdown.clone(),
-    ));
+    essential.spawn(
+        "the etcd sync",
+        etcd::sync(
+            sync_options,
+            registry,
+            publisher.clone(),
+            Arc::clone(&state.metrics),
+            shutdown.clone(),
+        ),
+    );
     let persist = config
         .snapshot_file
         .map(|path| tokio::spawn(snapshot_file::persist(publisher, path, shutdown.clone())));
@@ -197,36 +216,57 @@ pub async fn run(
                 axum::serve(listener, app).with_graceful_shutdown(graceful),
             )),
         };
-    let mut sync_ended = false;
     let served = tokio::select! {
         served = &mut serve => served,
-        // The etcd task ends only on shutdown: ending before means a bug
-        // (a panic), and serving on would serve stale tables as fresh.
-        ended = &mut sync => {
-            sync_ended = true;
-            if shutdown.is_cancelled() && !matches!(&ended, Err(e) if e.is_panic()) {
+        Some((task, ended)) = essential.next_ended() => {
+            if shutdown.is_cancelled() && ended.is_ok() {
                 // Shutting down: in-flight requests get the grace period.
-                return finish(
-                    tokio::time::timeout(SHUTDOWN_GRACE, &mut serve).await.unwrap_or(Ok(())),
-                    persist,
-                )
-                .await;
+                tokio::time::timeout(SHUTDOWN_GRACE, &mut serve).await.unwrap_or(Ok(()))
+            } else {
+                // Ending before shutdown means a bug (a panic); serving on
+                // would serve stale tables as fresh, or no health at all.
+                let why = match ended {
+                    Err(e) if e.is_panic() => "it panicked".to_owned(),
+                    Err(e) => e.to_string(),
+                    Ok(()) => "it returned".to_owned(),
+                };
+                tracing::error!(%task, %why, "an essential task ended; stopping");
+                Err(std::io::Error::other(format!("{task} ended: {why}")))
             }
-            let why = match ended {
-                Err(e) if e.is_panic() => "it panicked".to_owned(),
-                Err(e) => e.to_string(),
-                Ok(()) => "it returned".to_owned(),
-            };
-            tracing::error!(%why, "the etcd sync task ended; stopping");
-            Err(std::io::Error::other(format!("the etcd sync task ended: {why}")))
         }
         _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
     };
     shutdown.cancel();
-    if !sync_ended {
-        let _ = sync.await;
-    }
+    // Every essential task ends on shutdown; a stuck one cannot hold the
+    // process past the grace period.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while essential.next_ended().await.is_some() {}
+    })
+    .await;
     finish(served, persist).await
+}
+
+/// The essential tasks, each with its name; a task's panic is its result,
+/// not the join set's.
+#[derive(Default)]
+struct Essential {
+    tasks: tokio::task::JoinSet<(&'static str, Result<(), tokio::task::JoinError>)>,
+}
+
+impl Essential {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        self.tasks.spawn(async move { (name, handle.await) });
+    }
+
+    /// The next task to end, and how; `None` once all have.
+    async fn next_ended(&mut self) -> Option<(&'static str, Result<(), tokio::task::JoinError>)> {
+        match self.tasks.join_next().await? {
+            Ok(ended) => Some(ended),
+            // The watcher itself only awaits; it ends early only if aborted.
+            Err(e) => Some(("an essential task", Err(e))),
+        }
+    }
 }
 
 /// Waits for the snapshot file's last write, then returns `served`.

@@ -181,3 +181,54 @@ async fn a_panicking_check_fails_that_check_and_nothing_else() {
     server.shutdown().await;
     backends.cancel();
 }
+
+/// A subscriber that panics on the etcd sync's "listed" event.
+struct PanicInTheSync;
+
+impl tracing::Subscriber for PanicInTheSync {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.is_event() && metadata.target() == "sync_server::etcd"
+    }
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut messages = Messages(Vec::new());
+        event.record(&mut messages);
+        if messages
+            .0
+            .iter()
+            .any(|m| m.contains("listed registrations"))
+        {
+            panic!("injected: the etcd sync panics");
+        }
+    }
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+/// A task the server cannot do without (here the etcd sync) that panics
+/// stops the server with an error naming it, rather than leaving it to
+/// serve tables that no longer follow etcd.
+#[tokio::test(flavor = "current_thread")]
+async fn a_panicking_essential_task_stops_the_server_naming_it() {
+    let _subscriber = tracing::subscriber::set_default(PanicInTheSync);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(dir.path()).await.expect("etcd");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let run = sync_server::run(
+        common::config(&etcd, &["etcd-naming=svc/"]),
+        listener,
+        CancellationToken::new(),
+    );
+    let ended = tokio::time::timeout(DEADLINE, run)
+        .await
+        .expect("run() returns on its own");
+    let error = ended.expect_err("an error, not a clean stop").to_string();
+    assert!(
+        error.contains("the etcd sync") && error.contains("panicked"),
+        "{error}"
+    );
+}
