@@ -156,6 +156,12 @@ pub struct RouterConfig {
     /// catch-up for a notice missed (5 ms when the queue cannot be had).
     #[serde(default = "default_refresh_ms")]
     pub refresh_ms: u32,
+    /// How long (ms) a call that comes before this worker has its first
+    /// tables is held (paused) waiting for them, then routed; past it, the
+    /// call is answered `UNAVAILABLE` saying the tables never arrived. 0
+    /// answers such a call at once. Nothing is held once tables are in.
+    #[serde(default = "default_hold_until_tables_ms")]
+    pub hold_until_tables_ms: u32,
     /// This Envoy's zone: calls stay in it while it has capacity
     /// ([`ZoneRoutingConfig`]). Zone-blind when unset.
     #[serde(default)]
@@ -231,6 +237,7 @@ impl Default for RouterConfig {
             host_override: HostOverride::default(),
             outlier_detection: default_outlier(),
             refresh_ms: default_refresh_ms(),
+            hold_until_tables_ms: default_hold_until_tables_ms(),
             zone: None,
             zone_routing: ZoneRoutingConfig::default(),
             slow_start: None,
@@ -322,6 +329,11 @@ fn default_no_endpoint_status() -> u32 {
 fn default_refresh_ms() -> u32 {
     100
 }
+fn default_hold_until_tables_ms() -> u32 {
+    5_000
+}
+/// The longest `hold_until_tables_ms`: a call held longer is better failed.
+pub const MAX_HOLD_UNTIL_TABLES_MS: u32 = 60_000;
 fn default_aggression() -> f64 {
     1.0
 }
@@ -417,6 +429,12 @@ impl PluginConfig {
                     return Err(format!(
                         "`refresh_ms` is {}, expected 1..=1000",
                         router.refresh_ms
+                    ));
+                }
+                if router.hold_until_tables_ms > MAX_HOLD_UNTIL_TABLES_MS {
+                    return Err(format!(
+                        "`hold_until_tables_ms` is {}, expected 0..={MAX_HOLD_UNTIL_TABLES_MS}",
+                        router.hold_until_tables_ms
                     ));
                 }
                 if router.zone.as_deref().is_some_and(str::is_empty) {
@@ -583,6 +601,15 @@ mod tests {
         assert_eq!(router.service_names["openim.user.User"], "User");
         assert_eq!(router.no_endpoint_status, 5);
         assert_eq!(router.host_override, HostOverride::Header);
+        assert_eq!(router.hold_until_tables_ms, 5_000, "held 5 s by default");
+        let off = PluginConfig::parse(br#"{"role":"router","hold_until_tables_ms":0}"#);
+        assert!(matches!(
+            off,
+            Ok(PluginConfig::Router(RouterConfig {
+                hold_until_tables_ms: 0,
+                ..
+            }))
+        ));
         let outlier = router.outlier_detection.expect("on");
         assert_eq!(
             (outlier.consecutive_failures, outlier.base_ejection_ms),
@@ -659,6 +686,8 @@ mod tests {
             (br#"{"role":"poller","cluster":"s","services":[]}"#, "services"),
             (br#"{"role":"router","refresh_ms":0}"#, "refresh_ms"),
             (br#"{"role":"router","zone":""}"#, "zone"),
+            (br#"{"role":"router","hold_until_tables_ms":60001}"#, "hold_until_tables_ms"),
+            (br#"{"role":"router","hold_until_tables_ms":-1}"#, "invalid value"),
             (br#"{"role":"router","zone_routing":{"min_healthy_percent":101}}"#, "min_healthy_percent"),
             (br#"{"role":"router","zone_routing":{"min_hosts":1}}"#, "min_hosts"),
             (br#"{"role":"router","slow_start":{}}"#, "window_ms"),

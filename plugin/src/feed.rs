@@ -47,6 +47,18 @@ pub fn with_queue(bytes: Option<&[u8]>, id: u32) -> Vec<u8> {
     ids[skip..].iter().flat_map(|id| id.to_le_bytes()).collect()
 }
 
+/// A [`QUEUES_KEY`] value without `id` (a router root context that ends
+/// after a configuration reload), or `None` when it is not listed.
+pub fn without_queue(bytes: Option<&[u8]>, id: u32) -> Option<Vec<u8>> {
+    let ids: Vec<u32> = queue_ids(bytes.unwrap_or_default()).collect();
+    ids.contains(&id).then(|| {
+        ids.iter()
+            .filter(|held| **held != id)
+            .flat_map(|id| id.to_le_bytes())
+            .collect()
+    })
+}
+
 /// Updates the log remembers; a worker further behind reloads everything.
 const LOG_UPDATES: usize = 64;
 /// Names the log holds at most; an update naming more makes workers reload.
@@ -586,6 +598,20 @@ mod tests {
             0,
             "a torn value names nothing"
         );
+    }
+
+    #[test]
+    fn a_queue_ended_is_unlisted() {
+        let mut value = with_queue(None, 1);
+        for id in [2, 3] {
+            value = with_queue(Some(&value), id);
+        }
+        let value = without_queue(Some(&value), 2).expect("listed");
+        assert_eq!(queue_ids(&value).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(without_queue(Some(&value), 2), None, "not listed");
+        assert_eq!(without_queue(None, 2), None);
+        let last = without_queue(Some(&with_queue(None, 9)), 9).expect("listed");
+        assert!(last.is_empty());
     }
 
     #[test]

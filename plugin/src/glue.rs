@@ -11,16 +11,23 @@
 //! reach a worker through a notice on its own shared queue (and a slow
 //! tick catches a notice missed), never through a check per call, and
 //! everything else happens only when something changed.
+//!
+//! A call that comes before the worker has its first tables is paused and
+//! remembered by its context id ([`Hold`]); when the tables arrive (the
+//! notice on the worker's queue, or its tick) the root context routes each
+//! held call through that id (`set_effective_context`) and resumes it, and
+//! a call held for `hold_until_tables_ms` is answered `UNAVAILABLE`.
 
 use crate::config::{
     HostOverride, NoopCall as NoopCallKind, NoopConfig, OutlierConfig, PluginConfig, PollerConfig,
     RouterConfig, ServiceFrom,
 };
 use crate::feed::{
-    index_names, queue_ids, service_key, with_queue, ChangeLog, PollerTables, CHANGES_KEY,
-    INDEX_KEY, QUEUES_KEY,
+    index_names, queue_ids, service_key, with_queue, without_queue, ChangeLog, PollerTables,
+    CHANGES_KEY, INDEX_KEY, QUEUES_KEY,
 };
 use crate::filter_state::{original_dst_arguments, support_probes, SET_FILTER_STATE};
+use crate::hold::{decode_max_wait, raise_max_wait, Admit, Hold, HoldCounts, MAX_WAIT_KEY};
 use crate::naming::{service_from_authority, service_from_grpc_path};
 use crate::outlier::{failure_kind, is_failure, EjectReason, Ejections, FailureCounter, Outcome};
 use crate::replicas::{Call, Replicas, Why};
@@ -33,12 +40,15 @@ use proxy_wasm::types::{
     Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status,
 };
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(MeshRoot::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(MeshRoot { id, role: None })
+    });
 }}
 
 /// How often the poller checks whether a poll (after a backoff) or a status
@@ -171,8 +181,10 @@ impl Metric {
     }
 }
 
-#[derive(Default)]
 struct MeshRoot {
+    /// This root context's id: the effective context again after held
+    /// calls were resumed through theirs.
+    id: u32,
     role: Option<Role>,
 }
 
@@ -183,6 +195,17 @@ enum Role {
 }
 
 impl Context for MeshRoot {
+    /// The root context ends: after a configuration reload, once the old
+    /// filter chain has drained (the VM stays, with the new configuration's
+    /// root context). A router's queue is unlisted, so the poller stops
+    /// notifying a queue nobody reads.
+    fn on_done(&mut self) -> bool {
+        if let Some(Role::Router(router)) = &self.role {
+            router.retire();
+        }
+        true
+    }
+
     fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
         if let Some(Role::Poller(poller)) = &mut self.role {
             poller.on_response(token, body_size);
@@ -211,19 +234,10 @@ impl RootContext for MeshRoot {
                 if config.host_override == HostOverride::FilterState && !envoy_supports_override() {
                     return false;
                 }
-                let mut tick = Duration::from_millis(u64::from(config.refresh_ms));
-                let router = Router::new(config);
-                match register_worker_queue() {
-                    Ok(id) => router.queue.set(Some(id)),
-                    Err(e) => {
-                        log(
-                            LogLevel::Warn,
-                            &format!("etcd-mesh: {e}; checking for new tables every {UNNOTIFIED_REFRESH:?} instead"),
-                        );
-                        tick = tick.min(UNNOTIFIED_REFRESH);
-                    }
-                }
-                (Role::Router(router), tick)
+                let tick = Duration::from_millis(u64::from(config.refresh_ms));
+                // The notification queue is registered on the first tick
+                // (or held call), not here: see `WorkerState::ensure_queue`.
+                (Role::Router(Router::new(config, self.id)), tick)
             }
             PluginConfig::Noop(config) => {
                 (Role::Noop(Rc::new(NoopCall::new(config))), Duration::ZERO)
@@ -251,9 +265,9 @@ impl RootContext for MeshRoot {
         }
     }
 
-    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
         match &self.role {
-            Some(Role::Router(router)) => Some(Box::new(router.call())),
+            Some(Role::Router(router)) => Some(Box::new(router.call(id))),
             Some(Role::Noop(noop)) => Some(Box::new(NoopContext(Rc::clone(noop)))),
             // The poller is not a filter: a filter chain that loads it by
             // mistake gets no context.
@@ -538,10 +552,22 @@ struct Router {
     ejections: Metric,
     refresh_us: Metric,
     notices: Metric,
-    /// The queue the poller notifies this worker on.
-    queue: Cell<Option<u32>>,
+    held: Metric,
+    held_timed_out: Metric,
+    no_tables: Metric,
+    held_max_wait: Metric,
+    /// The root context's id.
+    root_id: u32,
     /// When the counters were last flushed.
     flushed: SystemTime,
+}
+
+thread_local! {
+    /// This VM's worker number, for its gauges (a VM is one worker's).
+    /// Kept in the VM, not the root context: the root context a reload
+    /// makes in the same VM keeps the same gauges, and the old root
+    /// context's gauges are not left behind, frozen, next to them.
+    static WORKER_NUMBER: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// Shared-data key counting the router VMs that route, so each has a
@@ -580,7 +606,16 @@ fn register_worker_queue() -> Result<u32, String> {
         .map_err(|status| format!("cannot register the queue {name:?}: {status:?}"))?;
     update_shared(QUEUES_KEY, |bytes| Some(with_queue(bytes, id)))
         .map_err(|status| format!("cannot list the queue {name:?}: {status:?}"))?;
+    show_queues();
     Ok(id)
+}
+
+/// Sets the gauge of the queues the poller notifies.
+fn show_queues() {
+    if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(QUEUES_KEY) {
+        Metric::define(MetricType::Gauge, "etcd_mesh.worker_queues")
+            .set(queue_ids(&bytes).count() as u64);
+    }
 }
 
 /// Tells every worker that the version moved (best effort: a worker that
@@ -609,14 +644,24 @@ struct WorkerState {
     /// digest it routes with. Made at the first refresh: a router root
     /// context that never ticks (Envoy keeps one on the main thread) gets
     /// none, so every gauge there is belongs to a worker that routes.
+    /// Named by the VM's [`WORKER_NUMBER`].
     worker_gauges: Cell<Option<(Metric, Metric)>>,
     /// The last refresh error logged, so a lasting one is logged once.
     last_error: RefCell<Option<String>>,
+    /// The queue the poller notifies this worker on.
+    queue: Cell<QueueState>,
+    /// The calls waiting for the first tables.
+    hold: RefCell<Hold>,
+    /// (service, endpoint) of each call that was held and then routed,
+    /// by context id, for outlier detection: the root context routed it,
+    /// so the call's own context does not have it.
+    resumed: RefCell<HashMap<u32, (String, String)>>,
 }
 
 impl Router {
-    fn new(config: RouterConfig) -> Router {
+    fn new(config: RouterConfig, root_id: u32) -> Router {
         let policy = config.policy();
+        let hold = Hold::new(config.hold_until_tables_ms);
         Router {
             shared: Rc::new(WorkerState {
                 config,
@@ -629,13 +674,20 @@ impl Router {
                 refresh_us: Cell::new(None),
                 worker_gauges: Cell::new(None),
                 last_error: RefCell::new(None),
+                queue: Cell::new(QueueState::Unregistered),
+                hold: RefCell::new(hold),
+                resumed: RefCell::default(),
             }),
             routed: Metric::define(MetricType::Counter, "etcd_mesh.calls_routed"),
             no_endpoint: Metric::define(MetricType::Counter, "etcd_mesh.calls_no_endpoint"),
             ejections: Metric::define(MetricType::Counter, "etcd_mesh.ejections"),
             refresh_us: Metric::define(MetricType::Gauge, "etcd_mesh.table_refresh_us"),
             notices: Metric::define(MetricType::Counter, "etcd_mesh.table_notices"),
-            queue: Cell::new(None),
+            held: Metric::define(MetricType::Counter, "etcd_mesh.calls_held"),
+            held_timed_out: Metric::define(MetricType::Counter, "etcd_mesh.calls_held_timed_out"),
+            no_tables: Metric::define(MetricType::Counter, "etcd_mesh.calls_no_tables"),
+            held_max_wait: Metric::define(MetricType::Gauge, "etcd_mesh.calls_held_max_wait_ms"),
+            root_id,
             flushed: UNIX_EPOCH,
         }
     }
@@ -643,18 +695,52 @@ impl Router {
     /// The poller (or an ejecting worker) says the version moved: drain
     /// the queue, then refresh at once.
     fn on_notice(&self, queue_id: u32) {
-        if self.queue.get() != Some(queue_id) {
+        if self.shared.queue.get() != QueueState::Listed(queue_id) {
             return;
         }
         while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
         self.notices.add(1);
         self.shared.refresh();
+        self.shared.settle_held(self.root_id);
     }
 
-    fn call(&self) -> RouteCall {
+    /// Unlists and empties this root context's queue.
+    fn retire(&self) {
+        let QueueState::Listed(id) = self.shared.queue.replace(QueueState::Unavailable) else {
+            return;
+        };
+        if let Err(status) = update_shared(QUEUES_KEY, |bytes| without_queue(bytes, id)) {
+            log(
+                LogLevel::Warn,
+                &format!("etcd-mesh: cannot unlist the notification queue {id}: {status:?}"),
+            );
+        }
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(id) {}
+        show_queues();
+    }
+
+    fn call(&self, id: u32) -> RouteCall {
         RouteCall {
             shared: Rc::clone(&self.shared),
+            id,
+            held: false,
             picked: None,
+        }
+    }
+
+    /// Counts what was held; the longest wait is kept in shared data, so
+    /// the gauge shows the longest over every worker.
+    fn flush_hold(&self, counts: HoldCounts) {
+        self.held.add(counts.held);
+        self.held_timed_out.add(counts.timed_out);
+        self.no_tables.add(counts.no_tables);
+        if let Some(wait) = counts.max_wait_ms {
+            let _ = update_shared(MAX_WAIT_KEY, |bytes| raise_max_wait(bytes, wait));
+            let longest = hostcalls::get_shared_data(MAX_WAIT_KEY)
+                .ok()
+                .and_then(|(bytes, _)| bytes)
+                .map_or(wait, |bytes| decode_max_wait(Some(&bytes)).max(wait));
+            self.held_max_wait.set(longest);
         }
     }
 
@@ -664,7 +750,10 @@ impl Router {
     /// stats host call on every request would cost as much as the pick.
     fn on_tick(&mut self) {
         let shared = &self.shared;
+        shared.ensure_queue();
         shared.refresh();
+        // Held calls go as soon as tables are in, or at their limit.
+        shared.settle_held(self.root_id);
         // Slow start moves in steps of one tick (`refresh_ms`).
         shared.tables.borrow_mut().step_slow_start(now_ms());
         let now = now();
@@ -678,13 +767,52 @@ impl Router {
         if let Some(us) = shared.refresh_us.take() {
             self.refresh_us.set(us);
         }
+        let counts = shared.hold.borrow_mut().take_counts();
+        if counts != HoldCounts::default() {
+            self.flush_hold(counts);
+        }
         if shared.config.outlier_detection.is_some() {
             shared.tables.borrow_mut().expire_ejections(now_ms());
         }
     }
 }
 
+/// Where a worker's notification queue stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum QueueState {
+    /// Not registered yet.
+    Unregistered,
+    /// Registered, and listed for the poller.
+    Listed(u32),
+    /// Could not be registered, or unlisted: the tick checks instead.
+    Unavailable,
+}
+
 impl WorkerState {
+    /// Registers and lists this worker's notification queue, once. Not in
+    /// `on_configure`: Envoy configures every new plugin configuration
+    /// once in a throwaway VM first (its canary), which is destroyed
+    /// without `on_done` and never ticks; a queue registered there would
+    /// stay listed, notified and never read. So the queue comes with the
+    /// first tick, or the first call held (which waits for the notice).
+    fn ensure_queue(&self) {
+        if self.queue.get() != QueueState::Unregistered {
+            return;
+        }
+        match register_worker_queue() {
+            Ok(id) => self.queue.set(QueueState::Listed(id)),
+            Err(e) => {
+                self.queue.set(QueueState::Unavailable);
+                log(
+                    LogLevel::Warn,
+                    &format!("etcd-mesh: {e}; checking for new tables every {UNNOTIFIED_REFRESH:?} instead"),
+                );
+                let tick = Duration::from_millis(u64::from(self.config.refresh_ms));
+                let _ = hostcalls::set_tick_period(tick.min(UNNOTIFIED_REFRESH));
+            }
+        }
+    }
+
     /// Re-reads the tables or the ejections when, and only when, their
     /// part of the version changed. A part that could not be read is not
     /// marked seen, so the next call tries again.
@@ -753,7 +881,13 @@ impl WorkerState {
         }
         tables.set_seq(changes.latest());
         let (revision, digest) = self.worker_gauges.get().unwrap_or_else(|| {
-            let worker = next_number(WORKER_COUNT_KEY);
+            let worker = WORKER_NUMBER.with(|number| {
+                let worker = number
+                    .get()
+                    .unwrap_or_else(|| next_number(WORKER_COUNT_KEY));
+                number.set(Some(worker));
+                worker
+            });
             let gauge = |what: &str| {
                 Metric::define(
                     MetricType::Gauge,
@@ -773,6 +907,118 @@ impl WorkerState {
         }
         self.refresh_us.set(Some(now_us().saturating_sub(started)));
         Ok(())
+    }
+
+    /// Picks the upstream of the call whose context is in effect and sets
+    /// it (filter state or header), or answers the call.
+    fn route(&self) -> Routed {
+        let service = match self.service_name() {
+            Ok(service) => service,
+            Err(message) => {
+                reply(GrpcStatusCode::Unimplemented, message);
+                return Routed::Answered;
+            }
+        };
+        let mut tables = self.tables.borrow_mut();
+        let addr = match tables.pick(&service) {
+            Pick::Endpoint(addr) => addr.to_owned(),
+            Pick::NoEndpoint => {
+                drop(tables);
+                bump(&self.no_endpoint);
+                reply(
+                    grpc_status(self.config.no_endpoint_status),
+                    &format!("etcd-mesh: no endpoint for service {service}"),
+                );
+                return Routed::Answered;
+            }
+        };
+        let set = match self.config.host_override {
+            HostOverride::FilterState => {
+                hostcalls::call_foreign_function(SET_FILTER_STATE, tables.override_arguments(&addr))
+                    .map(drop)
+            }
+            // Overwrites whatever the client sent.
+            HostOverride::Header => hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                ORIGINAL_DST_HEADER,
+                Some(&addr),
+            ),
+        };
+        drop(tables);
+        if let Err(status) = set {
+            log(
+                LogLevel::Error,
+                &format!("etcd-mesh: cannot set the upstream address: {status:?}"),
+            );
+            reply(
+                GrpcStatusCode::Unavailable,
+                "etcd-mesh: cannot set the upstream",
+            );
+            return Routed::Answered;
+        }
+        bump(&self.routed);
+        Routed::Upstream(
+            self.config
+                .outlier_detection
+                .is_some()
+                .then_some((service, addr)),
+        )
+    }
+
+    /// The held calls: once this worker has tables, each is routed (or
+    /// answered) through its own context and resumed; until then, those
+    /// held for `hold_until_tables_ms` are answered. `back_to` is the
+    /// context in effect again afterwards (the caller's).
+    fn settle_held(&self, back_to: u32) {
+        if self.hold.borrow().is_empty() {
+            return;
+        }
+        let now = now_ms();
+        if self.tables.borrow().seq().is_some() {
+            let released = self.hold.borrow_mut().release(now);
+            let mut resumed = 0;
+            for id in &released {
+                // A call whose context is gone was forgotten already; this
+                // only guards against the host disagreeing.
+                if hostcalls::set_effective_context(*id).is_err() {
+                    continue;
+                }
+                if let Routed::Upstream(picked) = self.route() {
+                    if let Some(picked) = picked {
+                        self.resumed.borrow_mut().insert(*id, picked);
+                    }
+                    if hostcalls::resume_http_request().is_ok() {
+                        resumed += 1;
+                    }
+                }
+            }
+            log(
+                LogLevel::Info,
+                &format!(
+                    "etcd-mesh: the first tables are in; {} calls held for them go on ({resumed} routed)",
+                    released.len()
+                ),
+            );
+        } else {
+            let expired = self.hold.borrow_mut().expire(now);
+            if expired.is_empty() {
+                return;
+            }
+            for (id, refusal) in &expired {
+                if hostcalls::set_effective_context(*id).is_ok() {
+                    reply(GrpcStatusCode::Unavailable, &refusal.message());
+                }
+            }
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "etcd-mesh: {} calls answered UNAVAILABLE: no tables from sync-server within {} ms",
+                    expired.len(),
+                    self.config.hold_until_tables_ms
+                ),
+            );
+        }
+        let _ = hostcalls::set_effective_context(back_to);
     }
 
     /// The registry name of the call's service, if the request names one.
@@ -901,11 +1147,40 @@ impl HttpContext for NoopContext {
 /// The HTTP context of one call.
 struct RouteCall {
     shared: Rc<WorkerState>,
+    /// This context's id: what the worker resumes it by, if it was held.
+    id: u32,
+    /// Whether it was held for the first tables (it may be still).
+    held: bool,
     /// (service, endpoint) of this call, kept for outlier detection.
     picked: Option<(String, String)>,
 }
 
 impl Context for RouteCall {}
+
+impl Drop for RouteCall {
+    /// A call that ends while held (its client gone) is held no more.
+    fn drop(&mut self) {
+        if self.held {
+            if let Ok(mut hold) = self.shared.hold.try_borrow_mut() {
+                hold.forget(self.id);
+            }
+            if let Ok(mut resumed) = self.shared.resumed.try_borrow_mut() {
+                resumed.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl RouteCall {
+    /// A held request stays paused, its body and trailers included.
+    fn paused(&self) -> Action {
+        if self.held && self.shared.hold.borrow().is_held(self.id) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+}
 
 impl HttpContext for RouteCall {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
@@ -913,51 +1188,42 @@ impl HttpContext for RouteCall {
         // Before the first tick has loaded any tables.
         if shared.tables.borrow().seq().is_none() {
             shared.refresh();
-        }
-        let service = match shared.service_name() {
-            Ok(service) => service,
-            Err(message) => return reply(GrpcStatusCode::Unimplemented, message),
-        };
-        let mut tables = shared.tables.borrow_mut();
-        let addr = match tables.pick(&service) {
-            Pick::Endpoint(addr) => addr.to_owned(),
-            Pick::NoEndpoint => {
-                drop(tables);
-                bump(&shared.no_endpoint);
-                return reply(
-                    grpc_status(shared.config.no_endpoint_status),
-                    &format!("etcd-mesh: no endpoint for service {service}"),
-                );
+            if shared.tables.borrow().seq().is_none() {
+                // A request that names no service is answered now: no
+                // tables would route it.
+                if let Err(message) = shared.service_name() {
+                    return reply(GrpcStatusCode::Unimplemented, message);
+                }
+                let admitted = shared.hold.borrow_mut().admit(self.id, now_ms());
+                return match admitted {
+                    Admit::Hold => {
+                        self.held = true;
+                        shared.ensure_queue();
+                        Action::Pause
+                    }
+                    Admit::Refuse(refusal) => {
+                        reply(GrpcStatusCode::Unavailable, &refusal.message())
+                    }
+                };
             }
-        };
-        let set = match shared.config.host_override {
-            HostOverride::FilterState => {
-                hostcalls::call_foreign_function(SET_FILTER_STATE, tables.override_arguments(&addr))
-                    .map(drop)
+            // The tables came with this call: the calls held go first.
+            shared.settle_held(self.id);
+        }
+        match shared.route() {
+            Routed::Upstream(picked) => {
+                self.picked = picked;
+                Action::Continue
             }
-            // Overwrites whatever the client sent.
-            HostOverride::Header => hostcalls::set_map_value(
-                MapType::HttpRequestHeaders,
-                ORIGINAL_DST_HEADER,
-                Some(&addr),
-            ),
-        };
-        drop(tables);
-        if let Err(status) = set {
-            log(
-                LogLevel::Error,
-                &format!("etcd-mesh: cannot set the upstream address: {status:?}"),
-            );
-            return reply(
-                GrpcStatusCode::Unavailable,
-                "etcd-mesh: cannot set the upstream",
-            );
+            Routed::Answered => Action::Pause,
         }
-        bump(&shared.routed);
-        if shared.config.outlier_detection.is_some() {
-            self.picked = Some((service, addr));
-        }
-        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, _: usize, _: bool) -> Action {
+        self.paused()
+    }
+
+    fn on_http_request_trailers(&mut self, _: usize) -> Action {
+        self.paused()
     }
 
     /// Settles the call for outlier detection. A failure (a connect
@@ -968,7 +1234,12 @@ impl HttpContext for RouteCall {
     /// failure or a lost connection ([`failure_kind`]) when either ejects at
     /// once. A reply with a body is a success, known without a host call.
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        let Some((service, addr)) = self.picked.take() else {
+        let picked = match self.picked.take() {
+            Some(picked) => Some(picked),
+            None if self.held => self.shared.resumed.borrow_mut().remove(&self.id),
+            None => None,
+        };
+        let Some((service, addr)) = picked else {
             return Action::Continue;
         };
         let Some(outlier) = &self.shared.config.outlier_detection else {
@@ -1001,6 +1272,15 @@ impl HttpContext for RouteCall {
         self.shared.record(outlier, &service, &addr, outcome);
         Action::Continue
     }
+}
+
+/// What became of a call the worker routed.
+enum Routed {
+    /// Its upstream is set: the request goes on. With (service, endpoint)
+    /// when outlier detection is on.
+    Upstream(Option<(String, String)>),
+    /// It was answered (a gRPC error): the request stops here.
+    Answered,
 }
 
 fn bump(counter: &Cell<u64>) {

@@ -7,7 +7,9 @@
 //!   moving to another when it fails, hangs or turns stale ([`replicas`]);
 //! - `router`: the HTTP filter on every worker; it keeps a decoded copy of
 //!   the tables and re-reads only the services that changed, and picks the
-//!   upstream of each call by smooth weighted round-robin.
+//!   upstream of each call by smooth weighted round-robin; a call that
+//!   comes before the worker's first tables is held until they arrive
+//!   ([`hold`]).
 //!
 //! Everything here but [`glue`] is pure logic, built and unit-tested natively.
 
@@ -16,6 +18,7 @@
 pub mod config;
 pub mod feed;
 pub mod filter_state;
+pub mod hold;
 pub mod naming;
 pub mod outlier;
 pub mod poll;
