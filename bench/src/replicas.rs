@@ -52,13 +52,6 @@ fn spread(values: &[f64]) -> Value {
     })
 }
 
-async fn plugin_stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy
-        .stat(&format!("wasmcustom.etcd_mesh.{name}"))
-        .await
-        .unwrap_or(0)
-}
-
 /// Envoy with the poller on one cluster over every replica: the layout
 /// before the poller chose replicas itself.
 async fn one_cluster_envoy(dir: &Path, replicas: &[SocketAddr]) -> anyhow::Result<Envoy> {
@@ -131,8 +124,8 @@ async fn quiet_registry(options: &ReplicaOptions) -> anyhow::Result<Value> {
                 .map_err(anyhow::Error::msg)?;
         }
         let before = [
-            plugin_stat(&followed, "updates_full").await,
-            plugin_stat(&alternating, "updates_full").await,
+            followed.plugin_stat("updates_full").await,
+            alternating.plugin_stat("updates_full").await,
         ];
         let window = Duration::from_secs(options.window_s);
         tokio::time::sleep(window).await;
@@ -140,11 +133,11 @@ async fn quiet_registry(options: &ReplicaOptions) -> anyhow::Result<Value> {
             (after.saturating_sub(before)) as f64 * 60.0 / window.as_secs_f64()
         };
         replica_layout.push(per_minute(
-            plugin_stat(&followed, "updates_full").await,
+            followed.plugin_stat("updates_full").await,
             before[0],
         ));
         one_cluster.push(per_minute(
-            plugin_stat(&alternating, "updates_full").await,
+            alternating.plugin_stat("updates_full").await,
             before[1],
         ));
         for stop in stops {
@@ -259,8 +252,8 @@ async fn failover(rounds: usize) -> anyhow::Result<Value> {
                 .wait_for_revision(first.header().map_or(0, |h| h.revision()) as u64, DEADLINE)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            let followed = plugin_stat(&envoy, "sync_replica").await as usize;
-            let full = plugin_stat(&envoy, "updates_full").await;
+            let followed = envoy.plugin_stat("sync_replica").await as usize;
+            let full = envoy.plugin_stat("updates_full").await;
             let cut = Instant::now();
             let _frozen = if hang {
                 Some(Frozen::freeze(replicas[followed].pid()))
@@ -274,7 +267,7 @@ async fn failover(rounds: usize) -> anyhow::Result<Value> {
                 .await
                 .map_err(anyhow::Error::msg)?;
             times.push(cut.elapsed().as_secs_f64() * 1e3);
-            loads.push((plugin_stat(&envoy, "updates_full").await - full) as f64);
+            loads.push((envoy.plugin_stat("updates_full").await - full) as f64);
         }
         out.insert(
             name.into(),

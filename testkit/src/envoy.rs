@@ -579,6 +579,14 @@ impl Envoy {
         })
     }
 
+    /// One of the plugin's own stats (`wasmcustom.etcd_mesh.<name>`), 0
+    /// until Envoy has it.
+    pub async fn plugin_stat(&self, name: &str) -> u64 {
+        self.stat(&format!("wasmcustom.etcd_mesh.{name}"))
+            .await
+            .unwrap_or(0)
+    }
+
     /// Every stat whose name matches the regular expression `pattern`.
     pub async fn stats_matching(&self, pattern: &str) -> Vec<(String, u64)> {
         let Ok((200, body)) = http_get(self.admin, &format!("/stats?filter={pattern}")).await

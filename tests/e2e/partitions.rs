@@ -81,17 +81,32 @@ async fn write(endpoint: &str, addr: SocketAddr, put: bool) -> u64 {
     .expect("write")
 }
 
-async fn stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy
-        .stat(&format!("wasmcustom.etcd_mesh.{name}"))
-        .await
-        .unwrap_or(0)
-}
-
-fn poller(wait_seconds: u32) -> String {
-    format!(
+/// Envoy following `replicas`, its long-polls held `wait_seconds`, once
+/// it holds `revision`.
+async fn envoy_following(
+    dir: &Path,
+    replicas: Vec<SocketAddr>,
+    wait_seconds: u32,
+    revision: u64,
+) -> Envoy {
+    let poller = format!(
         r#"{{"role": "poller", "clusters": {{{{SYNC_CLUSTER_NAMES}}}}, "authority": "sync-server", "wait_seconds": {wait_seconds}, "timeout_margin_ms": 1000}}"#
+    );
+    let envoy = Envoy::start(
+        dir,
+        EnvoyOptions {
+            sync_servers: replicas,
+            poller_config: Some(poller),
+            ..EnvoyOptions::default()
+        },
     )
+    .await
+    .expect("envoy");
+    envoy
+        .wait_for_revision(revision, DEADLINE)
+        .await
+        .expect("tables");
+    envoy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,25 +125,12 @@ async fn a_replica_beside_a_member_cut_from_the_majority_is_left_and_nothing_der
     let gone = Backend::unregistered().await;
     write(&members[1], kept.addr, true).await;
     let revision = write(&members[1], gone.addr, true).await;
-    let envoy = Envoy::start(
-        dir.path(),
-        EnvoyOptions {
-            sync_servers: vec![s0, s1],
-            poller_config: Some(poller(30)),
-            ..EnvoyOptions::default()
-        },
-    )
-    .await
-    .expect("envoy");
-    envoy
-        .wait_for_revision(revision, DEADLINE)
-        .await
-        .expect("tables");
+    let envoy = envoy_following(dir.path(), vec![s0, s1], 30, revision).await;
     // Follow replica 0 first: the one that will be cut with its member.
-    if stat(&envoy, "sync_replica").await != 0 {
+    if envoy.plugin_stat("sync_replica").await != 0 {
         let _frozen = Frozen::freeze(s1_proc.pid());
         wait_for("the poller to follow replica 0", DEADLINE, || async {
-            (stat(&envoy, "sync_replica").await == 0).then_some(())
+            (envoy.plugin_stat("sync_replica").await == 0).then_some(())
         })
         .await
         .expect("on replica 0");
@@ -174,7 +176,7 @@ async fn a_replica_beside_a_member_cut_from_the_majority_is_left_and_nothing_der
     assert!(stale_after <= Duration::from_secs(6), "{stale_after:?}");
     assert!(stopped <= Duration::from_secs(10), "{stopped:?}");
     assert_eq!(
-        stat(&envoy, "sync_replica").await,
+        envoy.plugin_stat("sync_replica").await,
         1,
         "on the majority side"
     );
@@ -211,29 +213,16 @@ async fn an_envoy_cut_from_its_sync_server_routes_on_and_resumes_with_a_delta() 
     let second = Backend::unregistered().await;
     let revision = write(&members[0], first.addr, true).await;
     // One replica, short long-polls: a poll hung by the cut ends in 6 s.
-    let envoy = Envoy::start(
-        dir.path(),
-        EnvoyOptions {
-            sync_servers: vec![s],
-            poller_config: Some(poller(5)),
-            ..EnvoyOptions::default()
-        },
-    )
-    .await
-    .expect("envoy");
-    envoy
-        .wait_for_revision(revision, DEADLINE)
-        .await
-        .expect("tables");
+    let envoy = envoy_following(dir.path(), vec![s], 5, revision).await;
     let clients = vec![connect(envoy.listen).await.expect("client")];
-    let full = stat(&envoy, "updates_full").await;
-    let failed = stat(&envoy, "polls_failed").await;
+    let full = envoy.plugin_stat("updates_full").await;
+    let failed = envoy.plugin_stat("polls_failed").await;
 
     net.cut(&sync).expect("cut the sync-server's host");
     let cut_at = Instant::now();
     let revision = write(&members[0], second.addr, true).await;
     wait_for("a poll to fail while cut off", DEADLINE, || async {
-        (stat(&envoy, "polls_failed").await > failed).then_some(())
+        (envoy.plugin_stat("polls_failed").await > failed).then_some(())
     })
     .await
     .expect("polls fail");
@@ -253,7 +242,7 @@ async fn an_envoy_cut_from_its_sync_server_routes_on_and_resumes_with_a_delta() 
          the change made during the cut arrived {resumed:?} after the heal"
     );
     assert_eq!(
-        stat(&envoy, "updates_full").await,
+        envoy.plugin_stat("updates_full").await,
         full,
         "resumed with a delta, nothing reloaded"
     );

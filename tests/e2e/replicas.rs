@@ -70,10 +70,7 @@ impl Layout {
     }
 
     async fn stat(&self, name: &str) -> u64 {
-        self.envoy
-            .stat(&format!("wasmcustom.etcd_mesh.{name}"))
-            .await
-            .unwrap_or(0)
+        self.envoy.plugin_stat(name).await
     }
 
     /// The replica the poller follows, once it holds tables.
