@@ -7,6 +7,7 @@
 
 mod cost;
 mod health;
+mod picker;
 mod replicas;
 mod report;
 mod scale;
@@ -93,9 +94,17 @@ struct Cli {
     /// Run only the replicas section and keep the other figures.
     #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only"])]
     replicas_only: bool,
+    /// Rounds of the picker-update runs (the old update and the new one
+    /// back to back in each).
+    #[arg(long, default_value_t = 101)]
+    picker_rounds: usize,
+    /// Run only the picker-update section (native, no Envoy; seconds) and
+    /// keep the other figures.
+    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only", "replicas_only"])]
+    picker_only: bool,
     /// Measure nothing: write RESULTS.md anew from results.json (its
     /// figures and the *before* each section keeps).
-    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only", "replicas_only"])]
+    #[arg(long, conflicts_with_all = ["scale_only", "cost_only", "health_only", "replicas_only", "picker_only"])]
     report_only: bool,
     /// Where the results go.
     #[arg(long, default_value = "bench")]
@@ -124,7 +133,17 @@ async fn main() -> anyhow::Result<()> {
         latency_calls: cli.latency_calls,
         latency_rps: cli.latency_rps,
     };
-    let partial = cli.cost_only || cli.scale_only || cli.health_only || cli.replicas_only;
+    let partial =
+        cli.cost_only || cli.scale_only || cli.health_only || cli.replicas_only || cli.picker_only;
+    let picker = if partial && !cli.picker_only {
+        last["picker"].clone()
+    } else {
+        let picker = picker::run(&picker::PickerOptions {
+            rounds: cli.picker_rounds,
+        })?;
+        eprintln!("picker done");
+        picker
+    };
     let replicas = if partial && !cli.replicas_only {
         last["replicas"].clone()
     } else {
@@ -200,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
         ("scale", !partial || cli.scale_only),
         ("health", !partial || cli.health_only),
         ("replicas", !partial || cli.replicas_only),
+        ("picker", !partial || cli.picker_only),
     ];
     let mut measured = serde_json::Map::new();
     let mut before = serde_json::Map::new();
@@ -230,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
         "scale": scale,
         "health": health,
         "replicas": replicas,
+        "picker": picker,
     });
     std::fs::create_dir_all(&cli.out)?;
     std::fs::write(

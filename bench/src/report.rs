@@ -130,6 +130,7 @@ pub fn markdown(r: &Value, b: &Value) -> String {
     md += &scale_section(&r["scale"], &b["scale"]);
     md += &health_section(&r["health"]);
     md += &replicas_section(&r["replicas"]);
+    md += &picker_section(&r["picker"]);
     // The partition matrix comes from the fault tests (root, network
     // namespaces), kept beside the benchmark's own sections.
     if let Ok(partitions) = std::fs::read_to_string("bench/partitions.md") {
@@ -452,6 +453,40 @@ fn replicas_section(r: &Value) -> String {
             v["rounds"],
             spread(&v["change_held_after_ms"], 0),
             spread(&v["full_loads"], 0),
+        );
+    }
+    md
+}
+
+/// The picker's update: the old quadratic one (*before*) beside the linear
+/// one, paired per round.
+fn picker_section(p: &Value) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    let mut md = format!(
+        "\n## The picker's update\n\nWhat a worker spends when a service's weights change \
+         (`SmoothPicker::update`, native build, no Envoy): {}. *Before* is the update as it was \
+         (a search of the old endpoints for every new one), measured beside the linear one in the \
+         same rounds, back to back, which goes first alternating; each round times a run of \
+         updates of each. The ratio is computed inside each round: median over the rounds and \
+         the range beside it.\n\n\
+         | endpoints | rounds × updates | before µs/update | now µs/update | before / now, median (min–max) |\n\
+         |---|---|---|---|---|\n",
+        p["scenario"].as_str().unwrap_or("?")
+    );
+    for row in p["rows"].as_array().into_iter().flatten() {
+        let ratio = &row["before_over_after"];
+        md += &format!(
+            "| {} | {} × {} | {} | {} | **{}** ({}–{}) |\n",
+            row["endpoints"],
+            row["rounds"],
+            row["updates_per_round"],
+            num(&row["before_us_per_update_median"], 1),
+            num(&row["after_us_per_update_median"], 1),
+            num(&ratio["median"], 1),
+            num(&ratio["min"], 1),
+            num(&ratio["max"], 1),
         );
     }
     md

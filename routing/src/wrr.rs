@@ -8,6 +8,7 @@
 //! with what weight, is decided above it ([`crate::balancer`]).
 
 use crate::rng::SplitMix64;
+use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 struct Slot {
@@ -72,12 +73,24 @@ impl SmoothPicker {
 
     /// Replaces the endpoints or their weights, keeping the running scores
     /// of those that stay so that an update does not restart (and re-bunch)
-    /// the sequence.
+    /// the sequence. Linear in the endpoints, old and new: it runs on every
+    /// slow-start step, on the worker threads.
     pub fn update<'a>(&mut self, endpoints: impl IntoIterator<Item = (&'a str, u64)>) {
         let mut next = Self::new(endpoints);
+        // The running score of each address that takes calls now. The slots
+        // are in no particular order (the start may have been rotated), so
+        // no merge: one pass to index them, one lookup per new endpoint. An
+        // address listed twice keeps the score of its first slot.
+        // (`RandomState` needs no entropy source on wasm32-unknown-unknown:
+        // std seeds it from addresses there; only lookups depend on it, so
+        // the result does not.)
+        let mut scores: HashMap<&str, i64> = HashMap::with_capacity(self.slots.len());
+        for old in &self.slots {
+            scores.entry(old.addr.as_str()).or_insert(old.score);
+        }
         for slot in &mut next.slots {
-            if let Some(old) = self.slots.iter().find(|old| old.addr == slot.addr) {
-                slot.score = old.score;
+            if let Some(&score) = scores.get(slot.addr.as_str()) {
+                slot.score = score;
             }
         }
         // Scores sum to zero in a running picker; keep it so after removals
@@ -206,6 +219,145 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The update as it was before it was made linear: a search of the old
+    /// slots for every new endpoint. The reference the new one must match.
+    fn update_quadratic<'a>(
+        picker: &mut SmoothPicker,
+        endpoints: impl IntoIterator<Item = (&'a str, u64)>,
+    ) {
+        let mut next = SmoothPicker::new(endpoints);
+        for slot in &mut next.slots {
+            if let Some(old) = picker.slots.iter().find(|old| old.addr == slot.addr) {
+                slot.score = old.score;
+            }
+        }
+        let drift: i64 = next.slots.iter().map(|s| s.score).sum();
+        if let Some(first) = next.slots.first_mut() {
+            first.score -= drift;
+        }
+        *picker = next;
+    }
+
+    /// Everything a picker holds, to compare two of them.
+    fn state(picker: &SmoothPicker) -> (Vec<(String, u64, i64)>, i64) {
+        let slots = picker
+            .slots
+            .iter()
+            .map(|s| (s.addr.clone(), s.weight, s.score))
+            .collect();
+        (slots, picker.total)
+    }
+
+    fn below(rng: &mut SplitMix64, n: usize) -> usize {
+        (rng.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// The next endpoint list: some removed, some added from `pool`, some
+    /// weights changed (to 0 too), sometimes reordered. With `duplicates`,
+    /// an address may also be listed twice.
+    fn mutate(
+        rng: &mut SplitMix64,
+        list: &[(String, u64)],
+        pool: &[String],
+        duplicates: bool,
+    ) -> Vec<(String, u64)> {
+        let weight = |rng: &mut SplitMix64| match rng.next_u64() % 4 {
+            0 => 0,
+            1 => 1 + rng.next_u64() % 5,
+            // The balancer's scaled weights, slow start ramping.
+            _ => 1 + rng.next_u64() % 5_000,
+        };
+        let mut next: Vec<(String, u64)> = Vec::new();
+        for (addr, w) in list {
+            match rng.next_u64() % 8 {
+                0 => {} // removed
+                1 | 2 => next.push((addr.clone(), weight(rng))),
+                _ => next.push((addr.clone(), *w)),
+            }
+        }
+        for _ in 0..below(rng, 6) {
+            let addr = &pool[below(rng, pool.len())];
+            if duplicates || !next.iter().any(|(a, _)| a == addr) {
+                let at = below(rng, next.len() + 1);
+                next.insert(at, (addr.clone(), weight(rng)));
+            }
+        }
+        if below(rng, 4) == 0 {
+            // Fisher-Yates with the seeded generator.
+            for i in (1..next.len()).rev() {
+                next.swap(i, below(rng, i + 1));
+            }
+        }
+        next
+    }
+
+    /// Runs the linear update and the reference side by side over random
+    /// update sequences: the same state and the same picks after each.
+    fn same_as_the_quadratic_update(seed: u64, sequences: usize, duplicates: bool) {
+        let mut rng = SplitMix64::new(seed);
+        for sequence in 0..sequences {
+            let pool_size = 1 + below(&mut rng, 80);
+            let pool: Vec<String> = (0..pool_size)
+                .map(|i| format!("10.0.{}.{}:8080", i / 7, i % 251))
+                .collect();
+            let mut list = mutate(&mut rng, &[], &pool, duplicates);
+            let mut linear = SmoothPicker::randomised(
+                list.iter().map(|(a, w)| (a.as_str(), *w)),
+                &mut SplitMix64::new(sequence as u64),
+            );
+            let mut reference = linear.clone();
+            for step in 0..20 {
+                list = mutate(&mut rng, &list, &pool, duplicates);
+                let endpoints = || list.iter().map(|(a, w)| (a.as_str(), *w));
+                linear.update(endpoints());
+                update_quadratic(&mut reference, endpoints());
+                assert_eq!(state(&linear), state(&reference), "{sequence}/{step}");
+                if below(&mut rng, 10) == 0 {
+                    let start = rng.next_u64();
+                    linear.shuffle_start(&mut SplitMix64::new(start));
+                    reference.shuffle_start(&mut SplitMix64::new(start));
+                }
+                let n = below(&mut rng, 3 * list.len() + 2);
+                for _ in 0..n {
+                    assert_eq!(linear.pick(), reference.pick(), "{sequence}/{step}");
+                }
+                assert_eq!(state(&linear), state(&reference), "{sequence}/{step}");
+            }
+        }
+    }
+
+    #[test]
+    fn update_is_the_quadratic_update_on_random_sequences() {
+        same_as_the_quadratic_update(7, 400, false);
+    }
+
+    /// The balancer lists an address once; should a list hold one twice,
+    /// both copies still take the score of its first slot, as before.
+    #[test]
+    fn update_is_the_quadratic_update_with_duplicates() {
+        same_as_the_quadratic_update(11, 200, true);
+    }
+
+    #[test]
+    fn update_carries_scores_over_by_address() {
+        let mut picker = SmoothPicker::new([("a", 5), ("b", 1), ("c", 1)]);
+        picks(&mut picker, 3);
+        let before = state(&picker).0;
+        // b goes, d comes, the order changes, a's weight changes.
+        picker.update([("c", 1), ("d", 2), ("a", 4)]);
+        let after = state(&picker).0;
+        let score = |slots: &[(String, u64, i64)], addr: &str| {
+            slots.iter().find(|s| s.0 == addr).map(|s| s.2)
+        };
+        let drift = score(&before, "a").unwrap_or(0) + score(&before, "c").unwrap_or(0);
+        assert_eq!(score(&after, "a"), score(&before, "a"));
+        assert_eq!(score(&after, "d"), Some(0));
+        // The first slot absorbs what the survivors' scores add up to.
+        assert_eq!(score(&after, "c"), score(&before, "c").map(|c| c - drift));
+        assert_eq!(after.iter().map(|s| s.2).sum::<i64>(), 0);
+        assert_eq!(after.len(), 3);
     }
 
     #[test]
