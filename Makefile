@@ -67,6 +67,7 @@ lint: setup
 	@# The proxy-wasm glue only builds for wasm32; lint it there when rustup has the target.
 	if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then \
 	  $(CARGO) clippy -p etcd-mesh-plugin --target wasm32-unknown-unknown -- -D warnings; \
+	  $(CARGO) clippy -p etcd-mesh-plugin --features bench-noop --target wasm32-unknown-unknown -- -D warnings; \
 	  $(CARGO) clippy -p etcd-mesh-console --target wasm32-unknown-unknown -- -D warnings; fi
 	@# The console runs in a browser: it takes the routing core, never proxy-wasm.
 	! $(CARGO) tree -p etcd-mesh-console -e normal --prefix none | grep '^proxy-wasm'

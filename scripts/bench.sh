@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 65536 2>/dev/null || true  # 1,000 long-polls need the descriptors
 cargo build --release -p etcd-mesh-bench
+# The cost ladder's empty filter is the plugin's `noop` role, which the shipped
+# module (`make build`) does not carry: a module with it, in its own target dir.
+CARGO_TARGET_DIR=target/bench-noop scripts/build-wasm.sh etcd-mesh-plugin --features bench-noop
 # The last committed results are "before" in the new RESULTS.md.
 git show HEAD:bench/results.json > bench/before.json 2>/dev/null || rm -f bench/before.json
 target/release/etcd-mesh-bench --out bench "$@"

@@ -5,6 +5,10 @@
 # With rustup's wasm32 target when it is installed; otherwise with Debian's
 # rustc-web, which builds the standard library from its own source (slower
 # the first time, same artifact path). `--check` only says whether a way exists.
+# Arguments after the package go to cargo; the benchmark's module with the
+# noop role is `CARGO_TARGET_DIR=target/bench-noop build-wasm.sh
+# etcd-mesh-plugin --features bench-noop` (its own target dir, so the shipped
+# module at the path above is never the featured one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,11 +26,12 @@ if [ "${1:-}" = --check ]; then
 fi
 
 package=${1:-etcd-mesh-plugin}
+if [ $# -gt 0 ]; then shift; fi
 if has_rustup_target; then
-  exec cargo build --profile wasm --target wasm32-unknown-unknown -p "$package"
+  exec cargo build --profile wasm --target wasm32-unknown-unknown -p "$package" "$@"
 elif has_debian_fallback; then
   RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 exec /usr/bin/cargo build --profile wasm \
-    --target wasm32-unknown-unknown -p "$package" -Zbuild-std=std,panic_abort
+    --target wasm32-unknown-unknown -p "$package" -Zbuild-std=std,panic_abort "$@"
 else
   echo "build-wasm: no wasm32 toolchain; run scripts/setup.sh" >&2
   exit 1

@@ -12,10 +12,10 @@
 
 use crate::util::{cpu_seconds, h2load, median, percentile};
 use etcd_mesh_e2e::Mesh;
-use etcd_mesh_testkit::{free_port, lb_endpoints_yaml, wasm_path, Envoy, EnvoyOptions};
+use etcd_mesh_testkit::{free_port, lb_endpoints_yaml, Envoy, EnvoyOptions};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct CostOptions {
@@ -48,6 +48,25 @@ const NOOP_FILTER: &str = r#"
                 vm_config: { vm_id: noop, runtime: envoy.wasm.runtime.v8, code: { local: { filename: "{{WASM_PATH}}" } } }
                 configuration: { "@type": type.googleapis.com/google.protobuf.StringValue, value: '{{NOOP_CONFIG}}' }"#;
 
+/// The plugin built with the `bench-noop` feature, which the noop filter
+/// needs (the shipped module refuses `"role": "noop"`): `$ETCD_MESH_NOOP_WASM`,
+/// or what scripts/bench.sh builds into target/bench-noop.
+fn noop_wasm_path() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("ETCD_MESH_NOOP_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            etcd_mesh_testkit::workspace_root()
+                .join("target/bench-noop/wasm32-unknown-unknown/wasm/etcd_mesh_plugin.wasm")
+        });
+    anyhow::ensure!(
+        path.exists(),
+        "no plugin with the noop role at {}; build it with `CARGO_TARGET_DIR=target/bench-noop \
+         scripts/build-wasm.sh etcd-mesh-plugin --features bench-noop` (scripts/bench.sh does)",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// Where a static Envoy sends calls.
 #[derive(Clone, Copy)]
 enum Upstream {
@@ -71,7 +90,7 @@ async fn static_envoy(
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let filter = match noop {
         Some(config) => NOOP_FILTER
-            .replace("{{WASM_PATH}}", &wasm_path().display().to_string())
+            .replace("{{WASM_PATH}}", &noop_wasm_path()?.display().to_string())
             .replace("{{NOOP_CONFIG}}", &config),
         None => String::new(),
     };

@@ -2,10 +2,13 @@
 //! answered, applied the way the plugin's poller applies it, and a short log
 //! of what each answer changed.
 //!
-//! An answer that does not fit what is held (a delta from another revision
-//! or epoch, a digest that disagrees) is refused whole and the held tables
-//! are dropped, so the next poll asks for everything.
+//! Whether an answer fits what is held is the feed's one rule, the
+//! plugin's too ([`fit`]). An answer that does not fit (a delta from
+//! another revision, epoch or observer, an older answer, a digest that
+//! disagrees) is refused whole and the held tables are dropped, so the next
+//! poll asks for everything.
 
+use etcd_mesh_wire::feed::{fit, Cursor, Fit, Position};
 use etcd_mesh_wire::{Changes, Digest, Health, Service};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -27,9 +30,9 @@ pub struct LogEntry {
 /// The tables at one revision of one epoch.
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
-    pub revision: u64,
-    pub health_seq: u64,
-    pub epoch: String,
+    /// Where the tables held stand; `None` until an answer is applied
+    /// (revision 0 is a real revision of an empty etcd).
+    pub cursor: Option<Cursor>,
     pub stale: bool,
     pub services: BTreeMap<String, Service>,
     /// Rejected keys and why.
@@ -37,9 +40,6 @@ pub struct Tables {
     digest: Digest,
     /// Newest first.
     pub log: VecDeque<LogEntry>,
-    /// Whether anything was applied yet (revision 0 is a real revision of
-    /// an empty etcd).
-    holds: bool,
 }
 
 impl Tables {
@@ -49,26 +49,31 @@ impl Tables {
 
     /// Whether an answer has been applied since the start or the last reset.
     pub fn holds(&self) -> bool {
-        self.holds
+        self.cursor.is_some()
     }
 
     /// The query that asks the change feed for what follows what is held:
     /// empty (everything) when nothing is held. `health_seq` goes back too,
     /// so that health-check changes wake the long-poll.
     pub fn query(&self) -> String {
-        if !self.holds {
+        let Some(held) = &self.cursor else {
             return String::new();
-        }
-        let epoch: String = url_encode(&self.epoch);
+        };
+        let epoch: String = url_encode(&held.epoch);
         format!(
             "since={}&health_seq={}&epoch={epoch}",
-            self.revision, self.health_seq
+            held.position.revision, held.position.health_seq
         )
     }
 
-    /// Where the held tables are: the etcd revision, then health changes.
-    fn position(&self) -> (u64, u64) {
-        (self.revision, self.health_seq)
+    /// Where the held tables are (the start when nothing is held).
+    pub fn position(&self) -> Position {
+        self.cursor.as_ref().map(|c| c.position).unwrap_or_default()
+    }
+
+    /// The epoch of the tables held (empty when nothing is held).
+    pub fn epoch(&self) -> &str {
+        self.cursor.as_ref().map_or("", |c| c.epoch.as_str())
     }
 
     /// Forgets the tables (the log stays), so the next poll asks for all.
@@ -91,32 +96,34 @@ impl Tables {
     }
 
     fn apply(&mut self, changes: Changes) -> Result<LogEntry, String> {
-        if !changes.full {
-            if !self.holds {
-                return Err("a delta came while nothing is held".into());
+        let answer_at = Position::of(&changes);
+        match fit(self.cursor.as_ref(), &changes) {
+            Fit::Apply => {}
+            // Where the console differs from the plugin: the poller ignores
+            // an answer older than what it holds (another replica behind,
+            // it moves on); the console follows one sync-server, so an older
+            // answer means that server went back, and it resets to show
+            // what that server holds. The same position again is no news
+            // for both (its `stale` flag still counts).
+            Fit::Ignore => {
+                let held = self.position();
+                if answer_at < held {
+                    return Err(format!(
+                        "{}.{} is older than the held {}.{}",
+                        answer_at.revision, answer_at.health_seq, held.revision, held.health_seq
+                    ));
+                }
+                self.stale = changes.stale;
+                return Ok(LogEntry {
+                    revision: answer_at.revision,
+                    health_seq: answer_at.health_seq,
+                    full: changes.full,
+                    what: Vec::new(),
+                });
             }
-            if changes.epoch != self.epoch {
-                return Err(format!(
-                    "a delta of epoch {:?} while epoch {:?} is held",
-                    changes.epoch, self.epoch
-                ));
-            }
-            if (changes.since, changes.since_health_seq) > self.position() {
-                return Err(format!(
-                    "a delta since {}.{} while {}.{} is held",
-                    changes.since, changes.since_health_seq, self.revision, self.health_seq
-                ));
-            }
+            Fit::Refuse(why) => return Err(why),
         }
-        if self.holds
-            && changes.epoch == self.epoch
-            && (changes.revision, changes.health_seq) < self.position()
-        {
-            return Err(format!(
-                "{}.{} is older than the held {}.{}",
-                changes.revision, changes.health_seq, self.revision, self.health_seq
-            ));
-        }
+        let cursor = Cursor::of(&changes);
         // Built aside, so a refused answer leaves nothing half applied.
         let mut next = if changes.full {
             Tables {
@@ -161,11 +168,8 @@ impl Tables {
                 changes.digest
             ));
         }
-        next.revision = changes.revision;
-        next.health_seq = changes.health_seq;
-        next.epoch = changes.epoch;
+        next.cursor = Some(cursor);
         next.stale = changes.stale;
-        next.holds = true;
         let entry = LogEntry {
             revision: changes.revision,
             health_seq: changes.health_seq,
@@ -270,7 +274,7 @@ mod tests {
             .apply_body(&full(10, services.clone()).encode())
             .expect("full");
         assert!(entry.full);
-        assert_eq!(tables.revision, 10);
+        assert_eq!(tables.position(), Position::new(10, 0));
         assert_eq!(tables.rejected["bad/key"], "not ip:port");
         assert_eq!(tables.query(), "since=10&health_seq=0&epoch=e1");
 
@@ -354,7 +358,7 @@ mod tests {
             ..Changes::default()
         };
         tables.apply_body(&empty.encode()).expect("empty delta");
-        assert_eq!(tables.revision, 4);
+        assert_eq!(tables.position(), Position::new(4, 0));
         assert_eq!(tables.log.len(), 1);
     }
 
@@ -381,6 +385,9 @@ mod tests {
         assert_eq!(entry.what, ["a: 2 endpoints (weights 1,1; 1 unhealthy)"]);
         assert_eq!(tables.query(), "since=10&health_seq=1&epoch=e1");
         // The same position again from a replica is no news, an older one is refused.
+        let again = tables.apply_body(&delta.encode()).expect("no news");
+        assert!(again.what.is_empty() && tables.holds());
+        assert_eq!(tables.log.len(), 2);
         let older = Changes {
             revision: 10,
             epoch: "e1".into(),

@@ -83,9 +83,9 @@ pub fn view<'a>(tables: &'a Tables, filter: &str) -> View<'a> {
         .map(|(name, service)| service_view(name, service))
         .collect();
     View {
-        revision: tables.revision,
-        health_seq: tables.health_seq,
-        epoch: &tables.epoch,
+        revision: tables.position().revision,
+        health_seq: tables.position().health_seq,
+        epoch: tables.epoch(),
         stale: tables.stale,
         total_services: tables.services.len(),
         services,

@@ -12,6 +12,7 @@
 //!   re-reads just those; a worker too far behind reloads everything;
 //! - the `tables` half of [`crate::VERSION_KEY`]: the newest sequence.
 
+use etcd_mesh_wire::feed::{fit, Cursor, Fit, Position};
 use etcd_mesh_wire::{Changes, Digest};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -142,32 +143,6 @@ impl ChangeLog {
     }
 }
 
-/// Where the tables held stand in sync-server's feed: the etcd revision,
-/// then the health-check changes published at it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Position {
-    pub revision: u64,
-    pub health_seq: u64,
-}
-
-impl Position {
-    pub fn new(revision: u64, health_seq: u64) -> Self {
-        Position {
-            revision,
-            health_seq,
-        }
-    }
-}
-
-/// Where the tables held come from: the position, the epoch it belongs
-/// to, and the replica whose observations they carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Cursor {
-    position: Position,
-    epoch: String,
-    observer: String,
-}
-
 /// What the poller holds: its [`Cursor`], and one digest per service, so
 /// that each answer is checked before anything is written.
 #[derive(Debug, Default)]
@@ -218,26 +193,17 @@ impl PollerTables {
     /// Applies one answer; `Ok(None)` when it holds nothing newer. An answer
     /// that does not fit what is held (a delta from another revision or
     /// replica, a digest that does not match the result) is refused whole:
-    /// nothing is written and the next request asks for everything.
-    ///
-    /// Within an epoch the revision never goes back, whichever replica
-    /// answers: one behind is ignored, it is not an error. Health counts of
-    /// different observers cannot be compared, so a full answer from
-    /// another observer at the revision held or later replaces everything
-    /// (the one full load a move to another replica costs). Revisions of
-    /// different epochs cannot be compared either: a full answer from
-    /// another epoch is taken whatever its revision.
+    /// nothing is written and the next request asks for everything. Whether
+    /// it fits is the feed's one rule, [`fit`]: within an epoch the
+    /// revision never goes back (one behind is ignored, it is not an error),
+    /// a full answer replaces, a delta fits only the cursor it starts from.
     pub fn apply(&mut self, changes: Changes) -> Result<Option<Update>, String> {
-        let answer_at = Position::new(changes.revision, changes.health_seq);
-        if let Some(held) = self.cursor.as_ref().filter(|c| c.epoch == changes.epoch) {
-            if changes.revision < held.position.revision {
-                return Ok(None);
-            }
-            // An older server names no observer: its answers are taken as
-            // coming from the one held, as before observers existed.
-            let same_observer = changes.observer.is_empty() || changes.observer == held.observer;
-            if same_observer && answer_at <= held.position {
-                return Ok(None);
+        match fit(self.cursor.as_ref(), &changes) {
+            Fit::Apply => {}
+            Fit::Ignore => return Ok(None),
+            Fit::Refuse(message) => {
+                self.cursor = None;
+                return Err(message);
             }
         }
         let mut digests: HashMap<String, Option<u64>> = HashMap::new();
@@ -252,20 +218,6 @@ impl PollerTables {
                 digests.entry(held.clone()).or_insert(None);
             }
         } else {
-            match &self.cursor {
-                Some(held)
-                    if held.position == Position::new(changes.since, changes.since_health_seq)
-                        && held.epoch == changes.epoch
-                        && (changes.observer.is_empty() || held.observer == changes.observer) => {}
-                held => {
-                    let message = format!(
-                        "a delta since revision {} of epoch {:?} from observer {:?} does not fit the tables held ({held:?})",
-                        changes.since, changes.epoch, changes.observer
-                    );
-                    self.cursor = None;
-                    return Err(message);
-                }
-            }
             for name in &changes.removed {
                 digests.insert(name.clone(), None);
             }
@@ -323,11 +275,7 @@ impl PollerTables {
             update.index = Some(names.join("\n").into_bytes());
         }
         update.log = self.log.encode();
-        self.cursor = Some(Cursor {
-            position: answer_at,
-            epoch: changes.epoch,
-            observer: changes.observer,
-        });
+        self.cursor = Some(Cursor::of(&changes));
         Ok(Some(update))
     }
 }

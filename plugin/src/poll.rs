@@ -2,8 +2,8 @@
 //! with what.
 
 use crate::config::PollerConfig;
-use crate::feed::Position;
 use etcd_mesh_routing::rng::SplitMix64;
+use etcd_mesh_wire::feed::Position;
 use std::time::Duration;
 
 const FIRST_BACKOFF_MS: u64 = 100;

@@ -9,7 +9,7 @@ use crate::filter_state::original_dst_arguments;
 use etcd_mesh_routing::rng::SplitMix64;
 use etcd_mesh_routing::{Balancer, Policy};
 use etcd_mesh_wire::{Digest, Service};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Debug)]
 pub struct WorkerTables {
@@ -24,8 +24,12 @@ pub struct WorkerTables {
     /// ms) each comes back.
     ejected: HashMap<String, HashMap<String, u64>>,
     /// The filter-state override of each address, encoded once when the
-    /// address arrives rather than on every call.
-    overrides: HashMap<String, Box<[u8]>>,
+    /// address arrives rather than on every call, with how many held
+    /// services list it: an address no held service lists is dropped, so
+    /// the map is bounded by the tables however long deltas run.
+    overrides: HashMap<String, (Box<[u8]>, usize)>,
+    /// The addresses each held service lists, to count them in and out.
+    listed: HashMap<String, HashSet<String>>,
 }
 
 /// What `pick` found.
@@ -46,6 +50,7 @@ impl WorkerTables {
             rng: SplitMix64::new(seed),
             ejected: HashMap::new(),
             overrides: HashMap::new(),
+            listed: HashMap::new(),
         }
     }
 
@@ -80,17 +85,14 @@ impl WorkerTables {
             if let Some((_, hash)) = self.services.remove(name) {
                 self.digest.remove(hash);
             }
+            self.relist(name, HashSet::new());
             return Ok(());
         }
         let service: Service = serde_json::from_slice(value)
             .map_err(|e| format!("service {name:?} does not decode: {e}"))?;
         service.validate(name)?;
-        for endpoint in &service.endpoints {
-            if !self.overrides.contains_key(&endpoint.addr) {
-                let arguments = original_dst_arguments(&endpoint.addr).into_boxed_slice();
-                self.overrides.insert(endpoint.addr.clone(), arguments);
-            }
-        }
+        let addrs = service.endpoints.iter().map(|e| e.addr.clone()).collect();
+        self.relist(name, addrs);
         let hash = Digest::of_encoded(name, value);
         let policy = &self.policy;
         let mut picker = match self.services.remove(name) {
@@ -122,9 +124,6 @@ impl WorkerTables {
     ) -> Vec<String> {
         let mut old = std::mem::take(&mut self.services);
         self.digest = Digest::default();
-        // Addresses no longer listed go with a reload (a delta keeps them:
-        // another service may list the same address).
-        self.overrides.clear();
         let mut errors = Vec::new();
         for (name, value) in values {
             if let Some(kept) = old.remove(name) {
@@ -135,7 +134,36 @@ impl WorkerTables {
                 errors.push(e);
             }
         }
+        // The services not in `values` are gone, and their addresses with them.
+        for name in old.keys() {
+            self.relist(name, HashSet::new());
+        }
         errors
+    }
+
+    /// Makes `addrs` the addresses `name` lists: an address it lists anew
+    /// gets its override (encoded once, whichever service listed it first),
+    /// and one that no held service lists any more loses it. Costs the size
+    /// of the service, whatever the size of the tables.
+    fn relist(&mut self, name: &str, addrs: HashSet<String>) {
+        let old = self.listed.remove(name).unwrap_or_default();
+        for addr in addrs.difference(&old) {
+            self.overrides
+                .entry(addr.clone())
+                .or_insert_with(|| (original_dst_arguments(addr).into_boxed_slice(), 0))
+                .1 += 1;
+        }
+        for addr in old.difference(&addrs) {
+            if let Some((_, services)) = self.overrides.get_mut(addr) {
+                *services -= 1;
+                if *services == 0 {
+                    self.overrides.remove(addr);
+                }
+            }
+        }
+        if !addrs.is_empty() {
+            self.listed.insert(name.to_owned(), addrs);
+        }
     }
 
     /// Replaces the set of ejected endpoints (service, addr, until).
@@ -201,7 +229,7 @@ impl WorkerTables {
     /// The encoded filter-state override for `addr`, made when its
     /// service's table arrived.
     pub fn override_arguments(&self, addr: &str) -> Option<&[u8]> {
-        self.overrides.get(addr).map(|a| &**a)
+        self.overrides.get(addr).map(|(a, _)| &**a)
     }
 
     pub fn pick(&mut self, service: &str) -> Pick<'_> {
@@ -248,6 +276,54 @@ mod tests {
         tables.apply_service("demo.Echo", b"", 0).expect("removal");
         assert!(tables.is_empty());
         assert_eq!(tables.digest(), Digest::default());
+    }
+
+    #[test]
+    fn overrides_are_held_only_for_addresses_a_held_service_lists() {
+        let one = "127.0.0.1:1";
+        let two = "127.0.0.1:2";
+        let three = "127.0.0.1:3";
+        let held = |t: &WorkerTables| {
+            let mut addrs: Vec<&str> = [one, two, three]
+                .into_iter()
+                .filter(|a| t.override_arguments(a).is_some())
+                .collect();
+            addrs.sort_unstable();
+            addrs
+        };
+        let mut tables = WorkerTables::new(1, Policy::default());
+        tables
+            .apply_service("a", &value(&[(one, 1), (two, 1)]), 0)
+            .expect("valid");
+        tables
+            .apply_service("b", &value(&[(two, 1)]), 0)
+            .expect("valid");
+        assert_eq!(held(&tables), [one, two]);
+        // A delta that moves `a` from 1 to 3 drops 1's override.
+        tables
+            .apply_service("a", &value(&[(two, 1), (three, 1)]), 0)
+            .expect("valid");
+        assert_eq!(held(&tables), [two, three]);
+        assert_eq!(tables.overrides.len(), 2);
+        assert_eq!(
+            tables.override_arguments(three),
+            Some(&original_dst_arguments(three)[..])
+        );
+        // 2 stays while `b` still lists it.
+        tables
+            .apply_service("a", &value(&[(three, 1)]), 0)
+            .expect("valid");
+        assert_eq!(held(&tables), [two, three]);
+        // A value refused changes nothing.
+        assert!(tables.apply_service("b", b"{garbage", 0).is_err());
+        assert_eq!(held(&tables), [two, three]);
+        tables.apply_service("b", b"", 0).expect("removal");
+        assert_eq!(held(&tables), [three]);
+        // A reload drops the services it does not list, and their addresses.
+        assert!(tables.reload([("c", value(&[(one, 1)]))], 0).is_empty());
+        assert_eq!(held(&tables), [one]);
+        tables.apply_service("c", b"", 0).expect("removal");
+        assert!(tables.overrides.is_empty() && tables.listed.is_empty());
     }
 
     #[test]

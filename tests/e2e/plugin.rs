@@ -244,3 +244,21 @@ async fn a_bad_plugin_configuration_fails_loading_and_names_the_field() {
     assert!(err.contains("no_endpoint_status"), "{err}");
     let _ = http_get; // (the admin interface never came up)
 }
+
+/// The shipped module is built without the benchmark's `noop` role: a
+/// configuration that asks for it is refused, saying so, rather than
+/// loaded (or crashing the VM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_module_refuses_the_noop_role() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = EnvoyOptions {
+        sync_servers: vec!["127.0.0.1:9".parse().expect("addr")],
+        router_config: Some(r#"{"role": "noop"}"#.into()),
+        ..EnvoyOptions::default()
+    };
+    let err = Envoy::start(dir.path(), options)
+        .await
+        .expect_err("Envoy refuses the plugin");
+    assert!(err.contains("bench-noop"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

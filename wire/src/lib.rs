@@ -10,6 +10,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod feed;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
