@@ -7,9 +7,6 @@
 
 pub mod backend;
 pub mod client;
-/// `etcd-mesh-testkit` under its old name, while `tests/src/lib.rs` still
-/// names it so; new code uses `etcd_mesh_testkit`.
-pub use etcd_mesh_testkit as stack;
 
 /// The generated `demo` protobuf and gRPC code.
 pub mod proto {

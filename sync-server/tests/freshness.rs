@@ -17,22 +17,15 @@ struct Frozen(u32);
 
 impl Frozen {
     fn freeze(pid: u32) -> Frozen {
-        signal(pid, "-STOP");
+        etcd_mesh_testkit::freeze(pid).expect("SIGSTOP");
         Frozen(pid)
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        signal(self.0, "-CONT");
+        let _ = etcd_mesh_testkit::thaw(self.0);
     }
-}
-
-fn signal(pid: u32, which: &str) {
-    let sent = std::process::Command::new("kill")
-        .args([which, &pid.to_string()])
-        .status();
-    assert!(sent.is_ok_and(|s| s.success()), "kill {which} {pid}");
 }
 
 fn config(endpoints: Vec<String>, first_member: usize, freshness: Duration) -> Config {
