@@ -22,15 +22,22 @@ use crate::registry::{lock, Change, Registry};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use etcd_mesh_etcd_options::{Backoff, ConnectError, EtcdOptions, EtcdTls};
 
-/// Keys per listing request: one response for a large registry would pass
-/// the client's message limit.
+/// Keys in the first listing request, and the fewest in any.
 pub const LIST_PAGE_SIZE: i64 = 5_000;
+
+/// About how many bytes of keys and values one listing request brings.
+///
+/// Large on purpose: etcd (3.4 and 3.5) walks every key left in the range
+/// for each page, however small its limit, so listing n keys in pages of p
+/// costs O(n²/p): 1,000,000 keys in pages of 5,000 took 40 s, in pages of
+/// this size about 1 s.
+pub const LIST_PAGE_BYTES: usize = 64 << 20;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 // Short: a failing round costs a connection attempt, and a replica must
@@ -52,8 +59,10 @@ const PROOF_KEY: &[u8] = b"\0etcd-mesh/freshness";
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
     pub etcd: EtcdOptions,
-    /// Keys per listing request.
+    /// Keys in the first listing request, and the fewest in any.
     pub page_size: i64,
+    /// Later requests ask for as many keys as fit about this many bytes.
+    pub page_bytes: usize,
     /// No proof of contact with the etcd majority for this long: stale.
     pub freshness_timeout: Duration,
 }
@@ -63,6 +72,7 @@ impl SyncOptions {
         SyncOptions {
             etcd,
             page_size: LIST_PAGE_SIZE,
+            page_bytes: LIST_PAGE_BYTES,
             freshness_timeout: DEFAULT_FRESHNESS_TIMEOUT,
         }
     }
@@ -139,6 +149,77 @@ async fn mark_stale_without_proof(publisher: Publisher, metrics: Arc<Metrics>, t
             );
             publisher.set_stale(true);
         }
+    }
+}
+
+/// One listing request: the keys from `from` (at most `limit`) of the
+/// range ending at `end`, at `revision` (0: the current one).
+async fn list_page(
+    mut kv: etcd_client::KvClient,
+    from: Vec<u8>,
+    end: Vec<u8>,
+    limit: i64,
+    revision: i64,
+    timeout: Duration,
+) -> Result<etcd_client::GetResponse, RoundError> {
+    let mut get = GetOptions::new().with_range(end).with_limit(limit);
+    if revision > 0 {
+        get = get.with_revision(revision);
+    }
+    Ok(tokio::time::timeout(timeout, kv.get(from, Some(get)))
+        .await
+        .map_err(|_| RoundError::Timeout(timeout))??)
+}
+
+/// Sizes listing pages by what the earlier pages of the round weighed.
+#[derive(Debug)]
+struct PageSizer {
+    fewest: i64,
+    bytes: usize,
+    limit: i64,
+    keys: usize,
+    listed_bytes: usize,
+    pages: usize,
+}
+
+impl PageSizer {
+    fn new(fewest: i64, bytes: usize) -> Self {
+        let fewest = fewest.max(1);
+        PageSizer {
+            fewest,
+            bytes,
+            limit: fewest,
+            keys: 0,
+            listed_bytes: 0,
+            pages: 0,
+        }
+    }
+
+    /// Keys to ask for in the next page.
+    fn limit(&self) -> i64 {
+        self.limit
+    }
+
+    /// Counts a page; the next asks for as many keys of the average size
+    /// so far as fit the byte budget.
+    fn listed(&mut self, keys: usize, bytes: usize) {
+        self.pages += 1;
+        self.keys += keys;
+        self.listed_bytes += bytes;
+        let average = (self.listed_bytes / self.keys.max(1)).max(1);
+        let fit = i64::try_from(self.bytes / average).unwrap_or(i64::MAX);
+        self.limit = fit.max(self.fewest);
+    }
+
+    /// Halves the next page after one passed the message limit; false
+    /// when it is already the smallest.
+    fn shrink(&mut self) -> bool {
+        if self.limit <= self.fewest {
+            return false;
+        }
+        self.limit = (self.limit / 2).max(self.fewest);
+        self.bytes /= 2;
+        true
     }
 }
 
@@ -264,47 +345,84 @@ impl SyncRound<'_> {
         retry: &mut Backoff,
     ) -> Result<(), RoundError> {
         let timeout = options.etcd.request_timeout;
-        let page_size = options.page_size;
         // One member per round, the next after a failure: a client over
         // all members keeps sending to a dead one.
         let mut client = options.etcd.connect_member(turn).await?;
 
         // List every prefix, page by page, at the revision of the first
-        // page: one response for a large registry would pass the client's
-        // message limit, and pages at one revision are one consistent view.
+        // page: pages at one revision are one consistent view.
+        let listing = Instant::now();
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(options.page_bytes.saturating_mul(4).max(4 << 20));
+        let mut pages = PageSizer::new(options.page_size, options.page_bytes);
         let mut revision = 0i64;
         let mut cluster = 0u64;
-        let mut listed = Vec::new();
+        let mut building = Duration::ZERO;
         for (spec, watch) in self.specs.iter().enumerate() {
             let end = prefix_end(watch.prefix.as_bytes());
+            let page = |from: Vec<u8>, limit: i64, revision: i64| {
+                let request = list_page(kv.clone(), from, end.clone(), limit, revision, timeout);
+                tokio::spawn(request)
+            };
             let mut from = watch.prefix.as_bytes().to_vec();
+            let mut next = page(from.clone(), pages.limit(), revision);
             loop {
-                let mut get = GetOptions::new()
-                    .with_range(end.clone())
-                    .with_limit(page_size);
-                if revision > 0 {
-                    get = get.with_revision(revision);
-                }
-                let response = tokio::time::timeout(timeout, client.get(from.clone(), Some(get)))
-                    .await
-                    .map_err(|_| RoundError::Timeout(timeout))??;
-                if revision == 0 {
+                let response = match (&mut next).await {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(RoundError::Etcd(etcd_client::Error::GRpcStatus(status))))
+                        if status.code() == tonic::Code::OutOfRange && pages.shrink() =>
+                    {
+                        // A page of unusually large values passed the
+                        // message limit: the same page again, smaller.
+                        next = page(from.clone(), pages.limit(), revision);
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => return Err(RoundError::Cancelled(e.to_string())),
+                };
+                let first = revision == 0;
+                if first {
                     revision = response.header().map(|h| h.revision()).unwrap_or(0);
                     cluster = response.header().map(|h| h.cluster_id()).unwrap_or(0);
                 }
-                let more = response.more();
-                if let Some(last) = response.kvs().last() {
-                    // The next page starts just after the last key.
+                let more = response.more() && !response.kvs().is_empty();
+                pages.listed(
+                    response.kvs().len(),
+                    response
+                        .kvs()
+                        .iter()
+                        .map(|kv| kv.key().len() + kv.value().len())
+                        .sum(),
+                );
+                if let Some(last) = response.kvs().last().filter(|_| more) {
+                    // The next page starts just after the last key, and is
+                    // asked for now: etcd reads it while this one is put.
                     from = last.key().to_vec();
                     from.push(0);
+                    next = page(from.clone(), pages.limit(), revision);
                 }
-                let empty = response.kvs().is_empty();
-                listed.push((spec, response));
-                if !more || empty {
+                // Put as it comes, so that the pages are not all held at
+                // once. Nothing is published until the listing is whole
+                // (health commits skip every service the listing touches),
+                // and a round that fails half-way lists afresh.
+                let started = Instant::now();
+                let mut registry = lock(self.registry);
+                if first {
+                    registry.reset(u64::try_from(revision).unwrap_or(0));
+                }
+                for kv in response.kvs() {
+                    let change = registry.put(spec, kv.key(), kv.value(), kv.mod_revision());
+                    Self::report_with(self.metrics, kv.key(), change);
+                }
+                drop(registry);
+                building += started.elapsed();
+                if !more {
                     break;
                 }
             }
         }
+        let listed = Instant::now();
         // A linearizable listing is a proof of contact with the majority,
         // and reflects every revision committed before it: one older than
         // what was served means etcd's history went back.
@@ -327,18 +445,23 @@ impl SyncRound<'_> {
         let epoch = format!("{base}{}", self.restored);
         {
             let mut registry = lock(self.registry);
-            registry.reset(u64::try_from(revision).unwrap_or(0));
-            for (spec, response) in &listed {
-                for kv in response.kvs() {
-                    let change = registry.put(*spec, kv.key(), kv.value(), kv.mod_revision());
-                    Self::report_with(self.metrics, kv.key(), change);
-                }
+            if revision == 0 {
+                // No page came back (no watch prefixes): an empty listing.
+                registry.reset(0);
             }
-            drop(listed);
             self.publish(&mut registry, &epoch);
+            info!(
+                revision,
+                %epoch,
+                keys = pages.keys,
+                pages = pages.pages,
+                list_ms = (listed - listing).as_millis() as u64,
+                put_ms = building.as_millis() as u64,
+                publish_ms = listed.elapsed().as_millis() as u64,
+                "listed registrations from etcd"
+            );
         }
         self.publisher.mark_synced();
-        info!(revision, %epoch, "listed registrations from etcd");
         retry.reset();
 
         // One watcher over the one key range that covers every prefix:
@@ -394,5 +517,46 @@ impl SyncRound<'_> {
             self.publish(&mut registry, &epoch);
         }
         Err(RoundError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageSizer;
+
+    #[test]
+    fn pages_grow_to_the_byte_budget_and_never_below_the_first() {
+        let mut pages = PageSizer::new(5_000, 64 << 20);
+        assert_eq!(pages.limit(), 5_000);
+        // 5,000 keys of 128 bytes: the next page asks for 64 MiB of them.
+        pages.listed(5_000, 5_000 * 128);
+        assert_eq!(pages.limit(), (64 << 20) / 128);
+        // Huge values: never fewer keys than the first page.
+        pages.listed(1, 1 << 40);
+        assert_eq!(pages.limit(), 5_000);
+        assert_eq!((pages.pages, pages.keys), (2, 5_001));
+    }
+
+    #[test]
+    fn a_page_over_the_message_limit_shrinks_down_to_the_first_size() {
+        let mut pages = PageSizer::new(1_000, 1 << 20);
+        pages.listed(1_000, 1_000 * 64);
+        assert_eq!(pages.limit(), (1 << 20) / 64);
+        assert!(pages.shrink());
+        assert_eq!(pages.limit(), (1 << 20) / 128);
+        while pages.shrink() {}
+        assert_eq!(pages.limit(), 1_000);
+        assert!(!pages.shrink(), "the first size is the floor");
+        // The budget shrank with it.
+        pages.listed(1_000, 1_000 * 64);
+        assert!(pages.limit() < (1 << 20) / 64);
+    }
+
+    #[test]
+    fn an_empty_listing_keeps_the_first_size() {
+        let mut pages = PageSizer::new(0, 1 << 20);
+        assert_eq!(pages.limit(), 1);
+        pages.listed(0, 0);
+        assert!(pages.limit() >= 1);
     }
 }

@@ -24,10 +24,11 @@ pub struct BuiltService {
 
 impl BuiltService {
     pub fn new(name: &str, service: Service) -> Self {
-        let encoded = String::from_utf8(service.encode()).unwrap_or_default();
-        let digest = Digest::of_encoded(name, encoded.as_bytes());
-        let json = RawValue::from_string(encoded)
+        // Serialized straight into a raw value, as [`Service::encode`]
+        // does: not parsed again (a start builds every service once).
+        let json = serde_json::value::to_raw_value(&service)
             .unwrap_or_else(|_| RawValue::from_string("{}".into()).unwrap_or_default());
+        let digest = Digest::of_encoded(name, json.get().as_bytes());
         BuiltService {
             service,
             json,
@@ -109,4 +110,22 @@ impl Tables {
 pub struct Commit {
     pub services: Vec<Arc<str>>,
     pub rejections: Vec<Arc<str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_mesh_wire::Endpoint;
+
+    #[test]
+    fn a_built_service_holds_the_canonical_encoding() {
+        let mut endpoint = Endpoint::new("127.0.0.1:80", 3);
+        endpoint.metadata.insert("zone".into(), "a\"b".into());
+        let service = Service {
+            endpoints: vec![endpoint],
+        };
+        let built = BuiltService::new("s", service.clone());
+        assert_eq!(built.json.get().as_bytes(), service.encode().as_slice());
+        assert_eq!(built.digest, Digest::of("s", &service));
+    }
 }

@@ -61,6 +61,7 @@ async fn writers_racing_the_first_listing_lose_nothing() {
     // Small pages: the listing spans many requests while the writers run.
     let mut paged = config(&etcd, &["etcd-naming=svc/"]);
     paged.list_page_size = 7;
+    paged.list_page_bytes = 1;
     let server = Server::start(paged).await;
     while let Some(joined) = writers.join_next().await {
         joined.expect("writer");
