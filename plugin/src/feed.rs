@@ -143,11 +143,25 @@ impl ChangeLog {
     }
 }
 
+/// Where the poller's tables stand, as the next request names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    pub position: Position,
+    pub epoch: &'a str,
+    pub observer: &'a str,
+    /// The digest of the tables held, sent when the replica that sent them
+    /// continues another observer's client that sends it (a restart or a
+    /// move to another replica then costs a few bytes, not the tables).
+    pub digest: Option<u64>,
+}
+
 /// What the poller holds: its [`Cursor`], and one digest per service, so
 /// that each answer is checked before anything is written.
 #[derive(Debug, Default)]
 pub struct PollerTables {
     cursor: Option<Cursor>,
+    /// Whether the last answer applied said its server reads `digest`.
+    continues: bool,
     digests: HashMap<String, u64>,
     digest: Digest,
     seq: u64,
@@ -170,11 +184,14 @@ pub struct Update {
 }
 
 impl PollerTables {
-    /// (position, epoch, observer) held, for the next request.
-    pub fn cursor(&self) -> Option<(Position, &str, &str)> {
-        self.cursor
-            .as_ref()
-            .map(|c| (c.position, c.epoch.as_str(), c.observer.as_str()))
+    /// Where the tables held stand, for the next request.
+    pub fn cursor(&self) -> Option<Held<'_>> {
+        self.cursor.as_ref().map(|c| Held {
+            position: c.position,
+            epoch: c.epoch.as_str(),
+            observer: c.observer.as_str(),
+            digest: self.continues.then(|| self.digest.value()),
+        })
     }
 
     pub fn digest(&self) -> Digest {
@@ -276,6 +293,7 @@ impl PollerTables {
         }
         update.log = self.log.encode();
         self.cursor = Some(Cursor::of(&changes));
+        self.continues = changes.continues;
         Ok(Some(update))
     }
 }
@@ -356,12 +374,18 @@ mod tests {
         assert_eq!(written.len(), 2);
         assert!(written.contains(&("b", true)) && written.contains(&("a", false)));
         assert_eq!(delta.index, Some(b"a".to_vec()));
-        assert_eq!(held.cursor(), Some((Position::new(12, 0), "e", "")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(12, 0), "e", ""))
+        );
         // A health change at the same revision moves the position on.
         let mut health = changes(12, 12, &[("a", 5)], &[], &[("a", 5)]);
         health.health_seq = 1;
         assert!(held.apply(health.clone()).expect("fits").is_some());
-        assert_eq!(held.cursor(), Some((Position::new(12, 1), "e", "")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(12, 1), "e", ""))
+        );
         assert_eq!(held.apply(health), Ok(None), "held already");
         let mut back = changes(12, 12, &[("a", 3)], &[], &[("a", 3)]);
         (back.since_health_seq, back.health_seq) = (1, 2);
@@ -402,6 +426,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn another_observer_continues_the_tables_held_and_the_digest_is_sent_only_to_servers_that_read_it(
+    ) {
+        let mut held = PollerTables::default();
+        held.apply(from(
+            "e",
+            "a",
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits");
+        assert_eq!(
+            held.cursor().and_then(|h| h.digest),
+            None,
+            "an older server"
+        );
+        let mut full = from("e", "a", changes(11, 0, &[("s", 1)], &[], &[("s", 1)]));
+        full.continues = true;
+        held.apply(full).expect("fits");
+        let digest = held.cursor().and_then(|h| h.digest);
+        assert_eq!(digest, Some(digest_of(&[("s", 1)])));
+        // A restarted replica continues from the position held, to its
+        // own (lower) health count: nothing written but the log.
+        let mut continued = from("e", "b", changes(11, 11, &[], &[], &[("s", 1)]));
+        continued.since_health_seq = 0;
+        continued.continues = true;
+        let update = held.apply(continued).expect("fits").expect("applied");
+        assert!(update.services.is_empty() && !update.full);
+        assert_eq!(held.cursor().map(|h| h.observer), Some("b"));
+        // One that does not start from what is held is refused whole.
+        let wrong = from(
+            "e",
+            "c",
+            changes(12, 11, &[("t", 2)], &[], &[("s", 2), ("t", 2)]),
+        );
+        assert!(held.apply(wrong).is_err());
+        assert_eq!(held.cursor(), None);
+    }
+
     /// `changes` as answered by `observer` of `epoch`.
     fn from(epoch: &str, observer: &str, mut changes: Changes) -> Changes {
         changes.epoch = epoch.into();
@@ -425,7 +487,10 @@ mod tests {
         // The same replica behind (a full answer or a delta) too.
         let full_behind = from("e", "a", changes(9, 0, &[("s", 2)], &[], &[("s", 2)]));
         assert_eq!(held.apply(full_behind), Ok(None));
-        assert_eq!(held.cursor(), Some((Position::new(10, 0), "e", "a")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(10, 0), "e", "a"))
+        );
         assert_eq!(held.digest().value(), digest_of(&[("s", 1)]));
     }
 
@@ -446,7 +511,10 @@ mod tests {
         );
         let delta = from("e", "a", changes(11, 10, &[("s", 2)], &[], &[("s", 2)]));
         assert!(held.apply(delta).expect("fits").is_some());
-        assert_eq!(held.cursor(), Some((Position::new(11, 0), "e", "a")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(11, 0), "e", "a"))
+        );
     }
 
     #[test]
@@ -464,12 +532,18 @@ mod tests {
             .expect("fits")
             .expect("applied");
         assert!(update.full);
-        assert_eq!(held.cursor(), Some((Position::new(10, 0), "e", "b")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(10, 0), "e", "b"))
+        );
         assert_eq!(held.apply(switched), Ok(None), "once");
         // Later, at a higher revision, from a third observer.
         let later = from("e", "c", changes(12, 0, &[("s", 3)], &[], &[("s", 3)]));
         assert!(held.apply(later).expect("fits").is_some());
-        assert_eq!(held.cursor(), Some((Position::new(12, 0), "e", "c")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(12, 0), "e", "c"))
+        );
     }
 
     #[test]
@@ -483,7 +557,10 @@ mod tests {
         .expect("fits");
         let behind = from("e", "b", changes(8, 0, &[("s", 2)], &[], &[("s", 2)]));
         assert_eq!(held.apply(behind), Ok(None));
-        assert_eq!(held.cursor(), Some((Position::new(10, 0), "e", "a")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(10, 0), "e", "a"))
+        );
     }
 
     #[test]
@@ -498,7 +575,10 @@ mod tests {
         let other = from("f", "a", changes(3, 0, &[("t", 2)], &[], &[("t", 2)]));
         let update = held.apply(other).expect("fits").expect("applied");
         assert!(update.full);
-        assert_eq!(held.cursor(), Some((Position::new(3, 0), "f", "a")));
+        assert_eq!(
+            held.cursor().map(|h| (h.position, h.epoch, h.observer)),
+            Some((Position::new(3, 0), "f", "a"))
+        );
         assert_eq!(held.digest().value(), digest_of(&[("t", 2)]));
         // A delta of another epoch still does not fit.
         let delta = from("g", "a", changes(4, 3, &[("t", 3)], &[], &[("t", 3)]));
@@ -507,16 +587,21 @@ mod tests {
     }
 
     #[test]
-    fn deltas_must_come_from_the_observer_held() {
+    fn a_delta_of_another_observer_applies_only_when_the_digest_proves_it() {
         let mut held = PollerTables::default();
         held.apply(from(
             "e",
             "a",
-            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+            changes(10, 0, &[("s", 1), ("u", 1)], &[], &[("s", 1), ("u", 1)]),
         ))
         .expect("fits");
-        // Fits the position and epoch, but carries another replica's view.
-        let other = from("e", "b", changes(11, 10, &[("s", 2)], &[], &[("s", 2)]));
+        // Fits the position and epoch, but the replica's view of `u` is
+        // another: the result would not be its tables.
+        let other = from(
+            "e",
+            "b",
+            changes(11, 10, &[("s", 2)], &[], &[("s", 2), ("u", 7)]),
+        );
         assert!(held.apply(other).is_err());
         assert_eq!(held.cursor(), None, "the next request asks for everything");
         held.apply(from(

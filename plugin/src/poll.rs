@@ -2,8 +2,8 @@
 //! with what.
 
 use crate::config::PollerConfig;
+use crate::feed::Held;
 use etcd_mesh_routing::rng::SplitMix64;
-use etcd_mesh_wire::feed::Position;
 use std::time::Duration;
 
 const FIRST_BACKOFF_MS: u64 = 100;
@@ -35,12 +35,12 @@ impl PollSchedule {
         &self.config
     }
 
-    /// The path of the next poll: everything until tables are held
-    /// (`held` is the position, epoch and observer held), then a long-poll
-    /// for the changes after them. The observer tells a replica whether
-    /// the health view held is its own (deltas) or another's (one full
-    /// answer).
-    pub fn path(&self, held: Option<(Position, &str, &str)>) -> String {
+    /// The path of the next poll: everything until tables are held, then
+    /// a long-poll for the changes after them. The observer tells a
+    /// replica whether the health view held is its own (deltas) or
+    /// another's; with the digest, another's that equals its own is
+    /// continued with a delta too, else it sends everything.
+    pub fn path(&self, held: Option<Held<'_>>) -> String {
         let mut path = String::from("/v1/changes");
         let mut separator = '?';
         let mut add = |part: &str| {
@@ -50,16 +50,19 @@ impl PollSchedule {
                 separator = '&';
             }
         };
-        if let Some((position, epoch, observer)) = held {
+        if let Some(held) = held {
             add(&format!(
                 "since={}&health_seq={}&epoch={}",
-                position.revision,
-                position.health_seq,
-                percent_encode(epoch),
+                held.position.revision,
+                held.position.health_seq,
+                percent_encode(held.epoch),
             ));
             // Empty from an older server, which does not read it.
-            if !observer.is_empty() {
-                add(&format!("observer={}", percent_encode(observer)));
+            if !held.observer.is_empty() {
+                add(&format!("observer={}", percent_encode(held.observer)));
+            }
+            if let Some(digest) = held.digest {
+                add(&format!("digest={digest}"));
             }
             add(&format!("wait={}", self.config.wait_seconds));
         }
@@ -112,6 +115,16 @@ fn percent_encode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etcd_mesh_wire::feed::Position;
+
+    fn held<'a>(revision: u64, health_seq: u64, epoch: &'a str, observer: &'a str) -> Held<'a> {
+        Held {
+            position: Position::new(revision, health_seq),
+            epoch,
+            observer,
+            digest: None,
+        }
+    }
 
     fn schedule() -> PollSchedule {
         PollSchedule::new(
@@ -136,11 +149,11 @@ mod tests {
         let s = schedule();
         assert_eq!(s.path(None), "/v1/changes");
         assert_eq!(
-            s.path(Some((Position::new(12, 4), "ab-1", "sync-0/42"))),
+            s.path(Some(held(12, 4, "ab-1", "sync-0/42"))),
             "/v1/changes?since=12&health_seq=4&epoch=ab-1&observer=sync-0%2F42&wait=30"
         );
         assert_eq!(
-            s.path(Some((Position::new(12, 4), "ab-1", ""))),
+            s.path(Some(held(12, 4, "ab-1", ""))),
             "/v1/changes?since=12&health_seq=4&epoch=ab-1&wait=30",
             "no observer named: as before observers"
         );
@@ -153,8 +166,16 @@ mod tests {
             "/v1/changes?services=demo.Echo%2Ca%20b%26c"
         );
         assert_eq!(
-            scoped.path(Some((Position::new(3, 0), "e", "o"))),
+            scoped.path(Some(held(3, 0, "e", "o"))),
             "/v1/changes?since=3&health_seq=0&epoch=e&observer=o&wait=30&services=demo.Echo%2Ca%20b%26c"
+        );
+        let with_digest = Held {
+            digest: Some(77),
+            ..held(3, 0, "e", "o")
+        };
+        assert_eq!(
+            s.path(Some(with_digest)),
+            "/v1/changes?since=3&health_seq=0&epoch=e&observer=o&digest=77&wait=30"
         );
     }
 

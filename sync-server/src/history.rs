@@ -58,6 +58,8 @@ impl Position {
 #[derive(Debug)]
 struct LogEntry {
     position: Position,
+    /// The tables' digest once this publication applied.
+    digest: u64,
     services: Vec<Arc<str>>,
     rejections: Vec<Arc<str>>,
     bytes: usize,
@@ -69,6 +71,8 @@ struct LogEntry {
 pub struct History {
     entries: imbl::Vector<Arc<LogEntry>>,
     floor: Position,
+    /// The tables' digest at `floor`.
+    floor_digest: u64,
     bytes: usize,
     limits: HistoryLimits,
 }
@@ -81,11 +85,13 @@ pub struct Changed {
 }
 
 impl History {
-    /// An empty history of tables first published at `position`.
-    pub fn new(position: Position, limits: HistoryLimits) -> Self {
+    /// An empty history of tables with `digest` first published at
+    /// `position`.
+    pub fn new(position: Position, digest: u64, limits: HistoryLimits) -> Self {
         History {
             entries: imbl::Vector::new(),
             floor: position,
+            floor_digest: digest,
             bytes: 0,
             limits,
         }
@@ -104,11 +110,14 @@ impl History {
         self.entries.is_empty()
     }
 
-    pub(crate) fn push(&mut self, position: Position, commit: Commit) {
+    /// Records the publication at `position` of what `commit` changed,
+    /// leaving the tables with `digest`.
+    pub(crate) fn push(&mut self, position: Position, commit: Commit, digest: u64) {
         let names = commit.services.iter().chain(&commit.rejections);
         let bytes = 64 + names.map(|n| n.len() + 16).sum::<usize>();
         self.entries.push_back(Arc::new(LogEntry {
             position,
+            digest,
             services: commit.services,
             rejections: commit.rejections,
             bytes,
@@ -120,7 +129,30 @@ impl History {
             };
             self.bytes -= oldest.bytes;
             self.floor = oldest.position;
+            self.floor_digest = oldest.digest;
         }
+    }
+
+    /// The position of this history where the tables stood at etcd
+    /// revision `revision` with `digest`, if it keeps one: how a client
+    /// that followed another replica (or this one before a restart) is
+    /// continued with a delta. The tables at a revision are those of the
+    /// last publication at or before it; health changes published at that
+    /// revision are tried too, the digest tells which one the client holds.
+    pub fn position_of(&self, revision: u64, digest: u64) -> Option<Position> {
+        let at = self
+            .entries
+            .iter()
+            .rev()
+            .map(|e| (e.position, e.digest))
+            .chain([(self.floor, self.floor_digest)])
+            .skip_while(|(position, _)| position.revision > revision);
+        let mut candidates = at.peekable();
+        let held_revision = candidates.peek()?.0.revision;
+        candidates
+            .take_while(|(position, _)| position.revision == held_revision)
+            .find(|(_, d)| *d == digest)
+            .map(|(position, _)| position)
     }
 
     /// What changed after `since`; `None` when `since` is older than the
@@ -156,13 +188,18 @@ mod tests {
     fn history_is_bounded_by_bytes() {
         let mut history = History::new(
             Position::new(1, 0),
+            0,
             HistoryLimits {
                 changes: 100,
                 bytes: 500,
             },
         );
         for revision in 2..50 {
-            history.push(Position::new(revision, 0), commit(&["a-service-name"]));
+            history.push(
+                Position::new(revision, 0),
+                commit(&["a-service-name"]),
+                revision,
+            );
         }
         assert!(history.len() < 10, "{}", history.len());
         assert!(history.since(history.floor()).is_some());
@@ -170,5 +207,25 @@ mod tests {
         assert!(history
             .since(Position::new(floor.revision - 1, 0))
             .is_none());
+    }
+
+    #[test]
+    fn a_position_is_found_by_revision_and_digest() {
+        let mut history = History::new(Position::new(10, 0), 100, HistoryLimits::default());
+        history.push(Position::new(12, 0), commit(&["a"]), 120);
+        history.push(Position::new(12, 1), commit(&["a"]), 121);
+        history.push(Position::new(15, 1), commit(&["b"]), 150);
+        // The tables at a revision are those of the last publication at or
+        // before it, whichever health change the client holds.
+        assert_eq!(history.position_of(12, 120), Some(Position::new(12, 0)));
+        assert_eq!(history.position_of(13, 121), Some(Position::new(12, 1)));
+        assert_eq!(history.position_of(14, 120), Some(Position::new(12, 0)));
+        assert_eq!(history.position_of(15, 150), Some(Position::new(15, 1)));
+        assert_eq!(history.position_of(99, 150), Some(Position::new(15, 1)));
+        assert_eq!(history.position_of(11, 100), Some(Position::new(10, 0)));
+        // Other content at that revision, or a revision before the floor.
+        assert_eq!(history.position_of(12, 100), None);
+        assert_eq!(history.position_of(15, 121), None);
+        assert_eq!(history.position_of(9, 100), None);
     }
 }

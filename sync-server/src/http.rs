@@ -174,6 +174,8 @@ pub struct SnapshotQuery {
     pub epoch: Option<String>,
     /// `/v1/changes` only: the observer whose view the client holds.
     pub observer: Option<String>,
+    /// `/v1/changes` only: the digest of the tables the client holds.
+    pub digest: Option<u64>,
     /// `/v1/changes` only: the services wanted (comma-separated names).
     pub services: Option<BTreeSet<String>>,
 }
@@ -206,6 +208,7 @@ impl SnapshotQuery {
                 "wait" => parsed.wait = Duration::from_secs(number()?).min(MAX_WAIT),
                 "epoch" if changes => parsed.epoch = Some(value),
                 "observer" if changes => parsed.observer = Some(value),
+                "digest" if changes => parsed.digest = Some(number()?),
                 "services" if changes => {
                     let names: BTreeSet<String> = value
                         .split(',')
@@ -222,6 +225,9 @@ impl SnapshotQuery {
         }
         if parsed.wait > Duration::ZERO && parsed.since.is_none() {
             return Err("`wait` needs `since`".into());
+        }
+        if parsed.digest.is_some() && parsed.since.is_none() {
+            return Err("`digest` needs `since`".into());
         }
         if parsed.health_seq.is_some() && parsed.since.is_none() {
             return Err("`health_seq` needs `since`".into());
@@ -294,6 +300,7 @@ async fn changes(
             .map(|s| Position::of_client(s, query.health_seq)),
         epoch: query.epoch,
         observer: query.observer,
+        digest: query.digest,
         scope: query.services.map(Arc::new),
     };
     let respond = |current: &Published, answer: Option<Arc<Answer>>| match answer {
@@ -331,7 +338,7 @@ async fn changes(
         let answer = current.changes(&cursor);
         let ready = answer
             .as_ref()
-            .is_some_and(|a| !(a.empty && cursor.scope.is_some()));
+            .is_some_and(|a| a.continued || !(a.empty && cursor.scope.is_some()));
         if ready || waiting.is_none() {
             return Ok(respond(&current, answer));
         }

@@ -62,11 +62,15 @@ pub struct Config {
     pub history: HistoryLimits,
     /// The most long-polls held at once.
     pub max_long_polls: usize,
-    /// Keys per etcd listing request.
+    /// Keys in the first etcd listing request, and the fewest in any.
     pub list_page_size: i64,
+    /// About how many bytes later listing requests bring.
+    pub list_page_bytes: usize,
     /// No proof of contact with the etcd majority for this long: what is
     /// served is marked stale.
     pub freshness_timeout: Duration,
+    /// How long arrival stamps (`serving_since_ms`) are kept.
+    pub stamp_horizon: Duration,
     /// Active health checks of every endpoint; off when `None`.
     pub health: Option<health::HealthConfig>,
     /// Serve the console from this directory instead of the embedded files.
@@ -88,7 +92,9 @@ impl Config {
             history: HistoryLimits::default(),
             max_long_polls: http::DEFAULT_MAX_LONG_POLLS,
             list_page_size: etcd::LIST_PAGE_SIZE,
+            list_page_bytes: etcd::LIST_PAGE_BYTES,
             freshness_timeout: etcd::DEFAULT_FRESHNESS_TIMEOUT,
+            stamp_horizon: observe::DEFAULT_STAMP_HORIZON,
             health: None,
             ui_dir: None,
             tls: None,
@@ -149,6 +155,15 @@ pub async fn run(
         let _ = state.metrics.tls.set(tls_metrics);
     }
     let registry = Arc::new(Mutex::new(Registry::new(config.watches)));
+    essential.spawn(
+        "the arrival-stamp expiry",
+        observe::expire_stamps(
+            Arc::clone(&registry),
+            publisher.clone(),
+            config.stamp_horizon,
+            shutdown.clone(),
+        ),
+    );
     if let Some(checks) = config.health {
         let health_metrics = Arc::new(HealthMetrics::default());
         let _ = state.metrics.health.set(Arc::clone(&health_metrics));
@@ -187,6 +202,7 @@ pub async fn run(
     let sync_options = etcd::SyncOptions {
         etcd: config.etcd,
         page_size: config.list_page_size,
+        page_bytes: config.list_page_bytes,
         freshness_timeout: config.freshness_timeout,
     };
     essential.spawn(

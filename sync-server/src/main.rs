@@ -205,6 +205,15 @@ struct Cli {
     /// answered) for this long, what is served is marked `"stale": true`.
     #[arg(long, env = "SYNC_SERVER_FRESHNESS_TIMEOUT", default_value = "5s", value_parser = duration)]
     freshness_timeout: Duration,
+
+    /// How long an endpoint that came (or recovered) while this process
+    /// ran keeps its `serving_since_ms`, which the plugin's slow start
+    /// ramps from: at least the longest `slow_start.window_ms` of your
+    /// Envoys. Then it is dropped, so that replicas, and this process
+    /// restarted, serve the same tables, and an Envoy moving between them
+    /// is continued with a delta instead of a full load.
+    #[arg(long, env = "SYNC_SERVER_STAMP_HORIZON", default_value = "10m", value_parser = duration)]
+    stamp_horizon: Duration,
 }
 
 /// `500ms`, `2s` or `1m`.
@@ -287,6 +296,7 @@ impl Cli {
         };
         config.max_long_polls = self.max_long_polls;
         config.freshness_timeout = self.freshness_timeout;
+        config.stamp_horizon = self.stamp_horizon;
         if self.health_checks {
             config.health = Some(HealthConfig {
                 interval: self.health_interval,

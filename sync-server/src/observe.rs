@@ -5,13 +5,16 @@
 //!
 //! Two tasks: one keeps the health checks' target list in step with the
 //! published tables; the other applies the checks' results to the
-//! registry and publishes the services they changed, in batches.
+//! registry and publishes the services they changed, in batches. A third
+//! drops arrival stamps (`serving_since_ms`) past their horizon, the same
+//! way, so that what every process serves converges.
 
 use crate::health::{Target, Transition};
 use crate::publish::Publisher;
 use crate::registry::{lock, unix_ms, Registry};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -90,6 +93,39 @@ pub async fn apply_health(
             }
         }
         if !registry.primed() {
+            continue;
+        }
+        let commit = registry.commit_health(now);
+        if !commit.services.is_empty() {
+            publisher.publish_health(commit, registry.tables().clone());
+        }
+    }
+}
+
+/// The default of `--stamp-horizon`: ten times a generous slow start.
+pub const DEFAULT_STAMP_HORIZON: Duration = Duration::from_secs(600);
+
+/// Every second, drops the arrival stamps older than `horizon` and
+/// publishes the services that lose one (a health change: the revision
+/// stays, the health count moves on).
+pub async fn expire_stamps(
+    registry: Arc<Mutex<Registry>>,
+    publisher: Publisher,
+    horizon: Duration,
+    shutdown: CancellationToken,
+) {
+    let horizon_ms = u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX);
+    let mut tick =
+        tokio::time::interval(Duration::from_secs(1).min(horizon.max(Duration::from_millis(10))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = unix_ms();
+        let mut registry = lock(&registry);
+        if !registry.expire_stamps(now, horizon_ms) || !registry.primed() {
             continue;
         }
         let commit = registry.commit_health(now);

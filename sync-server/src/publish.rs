@@ -38,6 +38,10 @@ pub struct Cursor {
     pub epoch: Option<String>,
     /// The observer whose view the client holds, when it says.
     pub observer: Option<String>,
+    /// The digest of the tables the client holds, when it says: with it,
+    /// a client of another observer whose tables equal this replica's at
+    /// its revision is continued with a delta instead of everything.
+    pub digest: Option<u64>,
     /// Only these services (and no rejections), when set.
     pub scope: Option<Arc<BTreeSet<String>>>,
 }
@@ -49,6 +53,9 @@ pub struct Answer {
     pub full: bool,
     /// A delta with no change (in scope): the revision moved on elsewhere.
     pub empty: bool,
+    /// A delta that moves a client of another observer to this one: sent
+    /// at once, even when empty.
+    pub continued: bool,
 }
 
 /// The tables at one revision, ready to serve.
@@ -143,23 +150,34 @@ impl Published {
             .observer
             .as_deref()
             .is_none_or(|o| o == &*self.observer);
-        let changed = match cursor.since {
+        // (where the delta starts in this history, what changed since)
+        let (from, changed) = match cursor.since {
             Some(since) if same_epoch && !same_observer => {
                 if since.revision > self.revision {
                     return None;
                 }
-                None
+                match cursor
+                    .digest
+                    .and_then(|d| self.continuation(since, d, cursor))
+                {
+                    Some(from) => (Some(from), self.history.since(from)),
+                    None => (None, None),
+                }
             }
             Some(since) if same_epoch => match self.history.since(since) {
                 Some(_) if since >= self.position() => return None,
-                changed => changed,
+                changed => (None, changed),
             },
-            _ => None,
+            _ => (None, None),
         };
+        let continued = from.is_some() && changed.is_some();
         let key = Cursor {
             since: changed.as_ref().and(cursor.since),
             epoch: None,
             observer: None,
+            // A continued delta starts where this history matched the
+            // client's digest: the digest is part of what it answers.
+            digest: cursor.digest.filter(|_| continued),
             scope: cursor.scope.clone(),
         };
         if let Some(answer) = self.kept_answer(&key) {
@@ -168,8 +186,35 @@ impl Published {
         // Encoded without the lock, so that encoding a large answer holds
         // up no other request; two requests for the same answer may both
         // encode it, and share the one kept first.
-        let answer = Arc::new(self.encode_changes(key.since, changed, key.scope.as_deref()));
-        Some(self.keep_answer(key, answer))
+        let mut answer = self.encode_changes(key.since, changed, key.scope.as_deref());
+        answer.continued = continued;
+        Some(self.keep_answer(key, Arc::new(answer)))
+    }
+
+    /// Where in this history a client of another observer, holding tables
+    /// with `digest` at `since`, can be continued from: the same content,
+    /// proven by the digest (which covers health and arrival stamps too).
+    /// Scoped clients are continued only at the revision served.
+    fn continuation(&self, since: Position, digest: u64, cursor: &Cursor) -> Option<Position> {
+        match cursor.scope.as_deref() {
+            Some(scope) => (since.revision == self.revision && self.scoped_digest(scope) == digest)
+                .then(|| self.position()),
+            None if since.revision == self.revision && self.tables.digest.value() == digest => {
+                Some(self.position())
+            }
+            None => self.history.position_of(since.revision, digest),
+        }
+    }
+
+    /// The digest of the services in `scope`.
+    fn scoped_digest(&self, scope: &BTreeSet<String>) -> u64 {
+        let mut digest = Digest::default();
+        for name in scope {
+            if let Some(built) = self.tables.services.get(name.as_str()) {
+                digest.add(built.digest);
+            }
+        }
+        digest.value()
     }
 
     /// The answer kept for `key`, if any.
@@ -220,6 +265,7 @@ impl Published {
             rejected: Vec::new(),
             unrejected: Vec::new(),
             digest: 0,
+            continues: true,
         };
         match &changed {
             None => {
@@ -255,15 +301,7 @@ impl Published {
         }
         out.digest = match scope {
             None => self.tables.digest.value(),
-            Some(scope) => {
-                let mut digest = Digest::default();
-                for name in scope {
-                    if let Some(built) = services.get(name.as_str()) {
-                        digest.add(built.digest);
-                    }
-                }
-                digest.value()
-            }
+            Some(scope) => self.scoped_digest(scope),
         };
         let empty = !out.full
             && out.services.0.is_empty()
@@ -274,6 +312,7 @@ impl Published {
             body: serde_json::to_vec(&out).unwrap_or_default().into(),
             full: out.full,
             empty,
+            continued: false,
         }
     }
 }
@@ -333,6 +372,7 @@ struct ChangesOut<'a> {
     rejected: Vec<RejectedOut<'a>>,
     unrejected: Vec<&'a str>,
     digest: u64,
+    continues: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -408,7 +448,7 @@ impl Publisher {
             // The health count never goes back, so positions keep growing
             // across a re-listing.
             let position = Position::new(revision, current.map_or(0, |c| c.health_seq));
-            let history = History::new(position, self.limits);
+            let history = History::new(position, tables.digest.value(), self.limits);
             Some(self.make(position, epoch.into(), false, tables, history))
         });
     }
@@ -420,7 +460,7 @@ impl Publisher {
             let current = current?;
             let position = Position::new(revision, current.health_seq);
             let mut history = current.history.clone();
-            history.push(position, commit);
+            history.push(position, commit, tables.digest.value());
             let epoch = Arc::clone(&current.epoch);
             Some(self.make(position, epoch, false, tables, history))
         });
@@ -433,7 +473,7 @@ impl Publisher {
             let current = current?;
             let position = Position::new(current.revision, current.health_seq + 1);
             let mut history = current.history.clone();
-            history.push(position, commit);
+            history.push(position, commit, tables.digest.value());
             let epoch = Arc::clone(&current.epoch);
             Some(self.make(position, epoch, current.stale, tables, history))
         });
@@ -442,8 +482,8 @@ impl Publisher {
     /// Serves a snapshot loaded from file, stale, of no known epoch.
     pub fn publish_loaded(&self, snapshot: &Snapshot) {
         let position = Position::new(snapshot.revision, 0);
-        let history = History::new(position, self.limits);
         let tables = Tables::from_snapshot(snapshot);
+        let history = History::new(position, tables.digest.value(), self.limits);
         self.update(|_| Some(self.make(position, "".into(), true, tables, history)));
     }
 
@@ -538,6 +578,7 @@ mod tests {
             since: Some(Position::of_client(revision, None)),
             epoch: Some("e".into()),
             observer: None,
+            digest: None,
             scope: None,
         }
     }
@@ -642,6 +683,49 @@ mod tests {
     }
 
     #[test]
+    fn another_observer_holding_the_same_tables_is_continued_with_a_delta() {
+        let p = Publisher::default();
+        let v1 = snapshot(10, &[("a", service(1, 1)), ("b", service(2, 1))]);
+        let d1 = Tables::from_snapshot(&v1).digest.value();
+        p.publish_reset("e", 10, Tables::from_snapshot(&v1));
+        let theirs = |revision, health, digest| Cursor {
+            since: Some(Position::new(revision, health)),
+            observer: Some("another".into()),
+            digest: Some(digest),
+            ..since(revision)
+        };
+        // Up to date with the same tables: an empty delta at once, from the
+        // client's own position, naming this observer.
+        let current = p.current().expect("published");
+        let answer = current.changes(&theirs(10, 7, d1)).expect("an answer");
+        assert!(answer.continued && answer.empty && !answer.full);
+        let continued = changes(&p, theirs(10, 7, d1)).expect("an answer");
+        assert_eq!((continued.since, continued.since_health_seq), (10, 7));
+        assert_eq!(continued.observer, p.observer());
+        assert_eq!(continued.digest, d1);
+        assert!(continued.services.is_empty());
+        // Other tables at that revision (another health view): everything.
+        assert!(changes(&p, theirs(10, 7, d1 ^ 1)).expect("an answer").full);
+        // The registry moved on: the delta since the matching position.
+        let v2 = snapshot(12, &[("a", service(1, 1)), ("b", service(2, 4))]);
+        p.publish_change(12, commit(&["b"]), Tables::from_snapshot(&v2));
+        let delta = changes(&p, theirs(11, 7, d1)).expect("an answer");
+        assert!(!delta.full);
+        assert_eq!(delta.services.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!((delta.since, delta.since_health_seq), (11, 7));
+        // Scoped clients are continued at the revision served only.
+        let scope = Some(Arc::new(BTreeSet::from(["a".to_string()])));
+        let mut scoped_digest = Digest::default();
+        scoped_digest.add(Digest::of("a", &service(1, 1)));
+        let scoped = |revision| Cursor {
+            scope: scope.clone(),
+            ..theirs(revision, 0, scoped_digest.value())
+        };
+        assert!(!changes(&p, scoped(12)).expect("an answer").full);
+        assert!(changes(&p, scoped(10)).expect("an answer").full);
+    }
+
+    #[test]
     fn a_stale_mark_keeps_a_concurrent_health_publication() {
         let p = Publisher::default();
         let v1 = snapshot(10, &[("a", service(1, 1))]);
@@ -700,6 +784,7 @@ mod tests {
                 body: Bytes::from_static(b"{}"),
                 full: true,
                 empty: false,
+                continued: false,
             })
         };
         // Two requests for one answer both encoded it: the second gets the
@@ -730,6 +815,7 @@ mod tests {
             since: Some(Position::new(10, 0)),
             epoch: Some("e".into()),
             observer: None,
+            digest: None,
             scope: None,
         };
         let delta = changes(&p, follower).expect("the health change");

@@ -19,7 +19,14 @@
 use crate::format::{parse, Registration, WatchSpec};
 use crate::tables::{Commit, Tables};
 use etcd_mesh_wire::{Endpoint, Health, Service};
-use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{btree_map, BTreeMap, BTreeSet, VecDeque};
+
+// A fast hash: a million keys are hashed several times each while a
+// listing is built (SipHash was a sixth of the start time at 1,000,000
+// endpoints). The keys come from etcd, written by the registering
+// services, and the seed is random per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::sync::Mutex;
 
 #[derive(Debug)]
@@ -71,6 +78,9 @@ pub struct Registry {
     /// Whether a re-listing is under way (since [`Registry::reset`]): its
     /// commit forgets the reports of keys it did not list again.
     relisting: bool,
+    /// Arrival stamps in the order they were given: (stamp, service,
+    /// address), so that stamps past the horizon are found without a scan.
+    stamps: VecDeque<(u64, String, String)>,
     /// What changed since the last commit.
     touched_services: HashSet<String>,
     touched_keys: HashSet<Vec<u8>>,
@@ -82,18 +92,19 @@ impl Registry {
     pub fn new(specs: Vec<WatchSpec>) -> Self {
         Registry {
             specs,
-            observed: HashMap::new(),
+            observed: HashMap::default(),
             primed: false,
-            health_touched: HashSet::new(),
-            unchecked: HashMap::new(),
-            entries: HashMap::new(),
-            by_service: HashMap::new(),
-            duplicates: HashMap::new(),
+            health_touched: HashSet::default(),
+            unchecked: HashMap::default(),
+            entries: HashMap::default(),
+            by_service: HashMap::default(),
+            duplicates: HashMap::default(),
             revision: 0,
-            reported: HashMap::new(),
+            reported: HashMap::default(),
             relisting: false,
-            touched_services: HashSet::new(),
-            touched_keys: HashSet::new(),
+            stamps: VecDeque::new(),
+            touched_services: HashSet::default(),
+            touched_keys: HashSet::default(),
             tables: Tables::default(),
         }
     }
@@ -161,11 +172,21 @@ impl Registry {
         };
         match &parsed {
             Ok(registration) => {
-                self.touched_services.insert(registration.service.clone());
-                self.by_service
-                    .entry(registration.service.clone())
-                    .or_default()
-                    .insert(id.clone());
+                // Owned names are made only for services not seen yet: a
+                // listing puts ten or more endpoints per service.
+                let service = &registration.service;
+                if !self.touched_services.contains(service) {
+                    self.touched_services.insert(service.clone());
+                }
+                match self.by_service.get_mut(service) {
+                    Some(ids) => {
+                        ids.insert(id.clone());
+                    }
+                    None => {
+                        self.by_service
+                            .insert(service.clone(), BTreeSet::from([id.clone()]));
+                    }
+                }
             }
             Err(_) => {
                 self.touched_keys.insert(key.to_vec());
@@ -281,10 +302,43 @@ impl Registry {
         let recovered = matches!(seen.health, Some(Health::Unhealthy | Health::NotServing));
         if recovered && health == Health::Healthy {
             seen.serving_since_ms = Some(now_ms);
+            self.stamps
+                .push_back((now_ms, service.to_owned(), addr.to_owned()));
         }
         seen.health = Some(health);
         self.health_touched.insert(service.to_owned());
         true
+    }
+
+    /// Drops the arrival stamps given before `now_ms - horizon_ms`: past
+    /// any slow start, a stamp only tells this process from another (a
+    /// replica, or this one restarted), which would make their tables
+    /// differ for good. Their services are committed as health changes
+    /// are ([`Registry::commit_health`]); true when one was dropped.
+    pub fn expire_stamps(&mut self, now_ms: u64, horizon_ms: u64) -> bool {
+        let mut expired = false;
+        while let Some((stamp, _, _)) = self.stamps.front() {
+            if now_ms.saturating_sub(*stamp) < horizon_ms {
+                break;
+            }
+            let Some((stamp, service, addr)) = self.stamps.pop_front() else {
+                break;
+            };
+            // A stamp given again since (a recovery) or an endpoint gone
+            // left this one behind.
+            let Some(seen) = self
+                .observed
+                .get_mut(&service)
+                .and_then(|by_addr| by_addr.get_mut(&addr))
+                .filter(|seen| seen.serving_since_ms == Some(stamp))
+            else {
+                continue;
+            };
+            seen.serving_since_ms = None;
+            self.health_touched.insert(service);
+            expired = true;
+        }
+        expired
     }
 
     /// Rebuilds the services whose health changed, but not those with etcd
@@ -366,7 +420,12 @@ impl Registry {
             .collect();
         let mut endpoints: Vec<Endpoint> =
             by_addr.into_values().map(|(_, _, e)| e.clone()).collect();
-        let ids: Vec<Id> = ids.iter().cloned().collect();
+        // Only the duplicates recorded need the keys again.
+        let ids: Vec<Id> = if self.duplicates.is_empty() {
+            Vec::new()
+        } else {
+            ids.iter().cloned().collect()
+        };
         self.observe(name, &mut endpoints, now_ms);
         if unchecked.is_empty() {
             self.unchecked.remove(name);
@@ -399,9 +458,15 @@ impl Registry {
         let new_since = self.primed.then_some(now_ms);
         let by_addr = self.observed.entry(name.to_owned()).or_default();
         for endpoint in endpoints.iter_mut() {
-            let seen = by_addr.entry(endpoint.addr.clone()).or_insert(Observed {
-                serving_since_ms: new_since,
-                health: None,
+            let seen = by_addr.entry(endpoint.addr.clone()).or_insert_with(|| {
+                if let Some(stamp) = new_since {
+                    self.stamps
+                        .push_back((stamp, name.to_owned(), endpoint.addr.clone()));
+                }
+                Observed {
+                    serving_since_ms: new_since,
+                    health: None,
+                }
             });
             endpoint.serving_since_ms = seen.serving_since_ms;
             endpoint.health = seen.health;
@@ -650,6 +715,52 @@ mod tests {
         r.commit_at(8_000);
         let again = endpoint(&r, "127.0.0.1:2");
         assert_eq!((again.health, again.serving_since_ms), (None, Some(8_000)));
+    }
+
+    #[test]
+    fn arrival_stamps_are_dropped_past_the_horizon() {
+        let stamp = |r: &Registry, addr: &str| {
+            r.tables().services["s"]
+                .service
+                .endpoints
+                .iter()
+                .find(|e| e.addr == addr)
+                .and_then(|e| e.serving_since_ms)
+        };
+        let mut r = registry();
+        r.put(0, b"svc/s/a", &naming("127.0.0.1:1", 1), 2);
+        r.commit_at(1_000);
+        r.put(0, b"svc/s/b", &naming("127.0.0.1:2", 1), 3);
+        r.commit_at(2_000);
+        r.put(0, b"svc/s/c", &naming("127.0.0.1:3", 1), 4);
+        r.commit_at(5_000);
+        assert!(!r.expire_stamps(2_500, 1_000), "none past the horizon yet");
+        assert!(r.expire_stamps(3_000, 1_000));
+        assert_eq!(r.commit_health(3_000).services, [Arc::from("s")]);
+        assert_eq!(stamp(&r, "127.0.0.1:2"), None);
+        assert_eq!(stamp(&r, "127.0.0.1:3"), Some(5_000), "not yet");
+        // Gone before its horizon: nothing to drop; back again: stamped
+        // anew, and that stamp has its own horizon.
+        r.delete(0, b"svc/s/c");
+        r.commit_at(5_500);
+        r.put(0, b"svc/s/c", &naming("127.0.0.1:3", 1), 6);
+        r.commit_at(5_800);
+        assert!(
+            !r.expire_stamps(6_000, 1_000),
+            "the old stamp is left behind"
+        );
+        assert_eq!(stamp(&r, "127.0.0.1:3"), Some(5_800));
+        assert!(r.expire_stamps(6_800, 1_000));
+        r.commit_health(6_800);
+        assert_eq!(stamp(&r, "127.0.0.1:3"), None);
+        // A recovery stamps too, and expires the same way.
+        r.set_health("s", "127.0.0.1:1", Health::Unhealthy, 7_000);
+        r.set_health("s", "127.0.0.1:1", Health::Healthy, 7_500);
+        r.commit_health(7_500);
+        assert_eq!(stamp(&r, "127.0.0.1:1"), Some(7_500));
+        assert!(r.expire_stamps(8_500, 1_000));
+        r.commit_health(8_500);
+        assert_eq!(stamp(&r, "127.0.0.1:1"), None);
     }
 
     /// A re-listing at the revision already served (etcd restarted, no

@@ -1,15 +1,17 @@
 //! Delta sync end to end (real etcd, sync-server, Envoy with two workers):
 //! an Envoy that applied a thousand changes through compaction, etcd and
 //! sync-server restarts holds exactly what a fresh full snapshot says, and
-//! a scoped Envoy receives only its own services.
+//! a scoped Envoy receives only its own services. An Envoy that is up to
+//! date takes no full load when sync-server restarts with the same tables.
 
 use etcd_client::{Client, CompactionOptions};
 use etcd_mesh_demo::client::split;
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
-use etcd_mesh_e2e::{assert_split, Mesh, DEADLINE};
+use etcd_mesh_e2e::{assert_split, Backend, Mesh, DEADLINE};
 use etcd_mesh_registration::Instance;
 use etcd_mesh_testkit::{http_get, wait_for, EnvoyOptions};
 use etcd_mesh_wire::{Digest, Snapshot};
+use std::time::Duration;
 
 /// The digest of a full snapshot's services, as any client computes it.
 fn digest_of(snapshot: &Snapshot) -> u64 {
@@ -222,4 +224,91 @@ async fn a_scoped_envoy_receives_only_its_services() {
         mesh.envoy.stat("wasmcustom.etcd_mesh.table_revision").await,
         Some(held)
     );
+}
+
+/// Waits until the Envoy holds exactly what sync-server serves now, with
+/// no arrival stamp left (the horizon passed), and returns the revision.
+async fn holds_unstamped_tables(mesh: &Mesh) -> u64 {
+    let snapshot = wait_for("the arrival stamps to expire", DEADLINE, || async {
+        mesh.snapshot().await.filter(|s| {
+            s.services
+                .values()
+                .flat_map(|service| &service.endpoints)
+                .all(|e| e.serving_since_ms.is_none())
+        })
+    })
+    .await
+    .expect("stamps expire");
+    let digest = digest_of(&snapshot);
+    wait_for("the Envoy to hold those tables", DEADLINE, || async {
+        let held = mesh.envoy.stat("wasmcustom.etcd_mesh.table_digest").await?;
+        (held == digest).then_some(())
+    })
+    .await
+    .expect("the Envoy holds sync-server's tables");
+    snapshot.revision
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_up_to_date_envoy_takes_no_full_load_when_sync_server_restarts() {
+    let horizon = |c: &mut sync_server::Config| c.stamp_horizon = Duration::from_millis(300);
+    let mut mesh = Mesh::start_configured(
+        EnvoyOptions {
+            concurrency: 2,
+            ..EnvoyOptions::default()
+        },
+        horizon,
+    )
+    .await;
+    let mut backends = mesh.weighted_backends(&[1, 2]).await;
+    holds_unstamped_tables(&mesh).await;
+    let full = "wasmcustom.etcd_mesh.updates_full";
+    let fulls = mesh.envoy.stat(full).await.expect("a full load to start");
+
+    // The same tables after the restart: the Envoy is continued, and a
+    // change made then arrives as a delta.
+    mesh.restart_sync_server_with(horizon).await;
+    backends.push(Backend::registered(mesh.etcd_endpoints(), 3).await);
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    mesh.settle(&addrs).await;
+    assert_eq!(mesh.envoy.stat(full).await, Some(fulls), "no full load");
+    assert_eq!(
+        mesh.sync_metric("sync_server_changes_full_total").await,
+        Some(0),
+        "the restarted sync-server sent no full answer"
+    );
+    let clients = mesh.clients(4).await;
+    let counts = split(&clients, 600).await.expect("every call succeeds");
+    assert_split(&counts, &backends, &[1, 2, 3], 2.0);
+
+    // Tables that differ (an arrival stamp the restarted process cannot
+    // know): one full load, as before.
+    holds_unstamped_tables(&mesh).await;
+    mesh.restart_sync_server().await;
+    backends.push(Backend::registered(mesh.etcd_endpoints(), 1).await);
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    mesh.settle(&addrs).await;
+    let fulls = mesh.envoy.stat(full).await.unwrap_or(0);
+    mesh.restart_sync_server().await;
+    let revision = holds_stamped_change(&mesh).await;
+    mesh.envoy
+        .wait_for_revision(revision, DEADLINE)
+        .await
+        .expect("the Envoy follows the restarted sync-server");
+    assert_eq!(
+        mesh.envoy.stat(full).await,
+        Some(fulls + 1),
+        "one full load when the tables differ"
+    );
+}
+
+/// Makes a change after a restart and returns its revision.
+async fn holds_stamped_change(mesh: &Mesh) -> u64 {
+    let instance = Instance::new(DEMO_PREFIX, "other.Service", "127.0.0.251:9000");
+    write(
+        &mesh.etcd_endpoints(),
+        &instance.key(),
+        Some(&instance.value()),
+    )
+    .await as u64
 }

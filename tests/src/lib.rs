@@ -109,13 +109,21 @@ impl Mesh {
 
     /// Starts sync-server again on the same address.
     pub async fn restart_sync_server(&mut self) {
+        self.restart_sync_server_with(|_| {}).await;
+    }
+
+    /// The same, configured further by `configure`.
+    pub async fn restart_sync_server_with(
+        &mut self,
+        configure: impl FnOnce(&mut sync_server::Config),
+    ) {
         self.sync_stop.cancel();
         let listener = wait_for("the sync-server port to be free", DEADLINE, || async {
             TcpListener::bind(self.sync_addr).await.ok()
         })
         .await
         .expect("port free again");
-        let (_, stop) = start_sync_server_on(self.etcd_endpoints(), listener).await;
+        let (_, stop) = start_sync_server_with(self.etcd_endpoints(), listener, configure).await;
         self.sync_stop = stop;
     }
 

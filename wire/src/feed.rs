@@ -70,8 +70,8 @@ pub enum Fit {
     /// It holds nothing newer (another replica behind, or the same
     /// position again): keep what is held, it is not an error.
     Ignore,
-    /// It does not fit (a delta from another position, epoch or
-    /// observer): refuse it whole, drop the cursor, ask for everything.
+    /// It does not fit (a delta from another position or epoch): refuse it
+    /// whole, drop the cursor, ask for everything.
     Refuse(String),
 }
 
@@ -83,8 +83,14 @@ pub enum Fit {
 /// revision held or later replaces everything (the one full load a move to
 /// another replica costs). Revisions of different epochs cannot be
 /// compared either: a full answer from another epoch is taken whatever its
-/// revision. A delta fits only the cursor it starts from: the same
-/// position, epoch and observer.
+/// revision. A delta fits only the position and epoch it starts from.
+///
+/// A delta from another observer fits too: sync-server sends one only to a
+/// client that sent the digest of its tables, when its own tables at that
+/// revision have the same digest (a restarted replica, or another one, with
+/// the same view). The follower checks the digest after applying, as for
+/// every answer, so an answer that did not start from what it holds is
+/// still refused whole.
 pub fn fit(held: Option<&Cursor>, answer: &Changes) -> Fit {
     if let Some(held) = held.filter(|c| c.epoch == answer.epoch) {
         if answer.revision < held.position.revision {
@@ -98,11 +104,7 @@ pub fn fit(held: Option<&Cursor>, answer: &Changes) -> Fit {
         return Fit::Apply;
     }
     match held {
-        Some(held)
-            if held.position == Position::since(answer)
-                && held.epoch == answer.epoch
-                && held.same_observer(&answer.observer) =>
-        {
+        Some(held) if held.position == Position::since(answer) && held.epoch == answer.epoch => {
             Fit::Apply
         }
         held => Fit::Refuse(format!(
@@ -177,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn a_delta_fits_only_its_own_position_epoch_and_observer() {
+    fn a_delta_fits_only_its_own_position_and_epoch() {
         let cursor = held(10, 1, "e", "o");
         assert_eq!(
             fit(Some(&cursor), &delta((10, 1), (11, 0), "e", "o")),
@@ -200,9 +202,19 @@ mod tests {
             Some(&cursor),
             &delta((10, 1), (11, 0), "f", "o")
         )));
+        // Another observer continuing the tables held (its digest is
+        // checked once applied), even to a lower health count.
+        assert_eq!(
+            fit(Some(&cursor), &delta((10, 1), (11, 0), "e", "p")),
+            Fit::Apply
+        );
+        assert_eq!(
+            fit(Some(&cursor), &delta((10, 1), (10, 0), "e", "p")),
+            Fit::Apply
+        );
         assert!(refused(fit(
             Some(&cursor),
-            &delta((10, 1), (11, 0), "e", "p")
+            &delta((10, 0), (10, 3), "e", "p")
         )));
         // An older server names no observer: taken as the one held.
         assert_eq!(

@@ -257,6 +257,12 @@ pub struct Changes {
     /// The [`Digest`] of every service the client holds after applying
     /// this answer (of the services asked for, when scoped).
     pub digest: u64,
+    /// The server continues a client of another observer (another replica,
+    /// or this one before a restart) with a delta when the client sends
+    /// back `digest` and its tables equal the server's; older servers
+    /// refuse the parameter, so a client sends it only when this is true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub continues: bool,
 }
 
 impl Changes {
@@ -282,7 +288,10 @@ impl Changes {
         if self.full && !self.removed.is_empty() {
             return Err("a full answer lists removed services".into());
         }
-        if !self.full && (self.since, self.since_health_seq) > (self.revision, self.health_seq) {
+        // Revisions only: a delta that continues a client of another
+        // observer starts from that observer's health count, which this
+        // one's does not compare with.
+        if !self.full && self.since > self.revision {
             return Err(format!(
                 "changes since {} end at the older revision {}",
                 self.since, self.revision
@@ -366,6 +375,10 @@ impl Digest {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Parses an endpoint address. Envoy connects to it directly, so it must be

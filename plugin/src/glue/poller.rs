@@ -75,7 +75,7 @@ impl Poller {
             let age = now.duration_since(answered).unwrap_or_default();
             self.age.set(age.as_millis() as u64);
         }
-        let held_epoch = self.tables.cursor().map(|(_, epoch, _)| epoch);
+        let held_epoch = self.tables.cursor().map(|held| held.epoch);
         self.replicas.expire(now_ms(), held_epoch);
         self.drive();
     }
@@ -179,7 +179,7 @@ impl Poller {
                 };
                 match outcome {
                     Ok(server) => {
-                        let held_epoch = self.tables.cursor().map(|(_, epoch, _)| epoch);
+                        let held_epoch = self.tables.cursor().map(|held| held.epoch);
                         self.replicas
                             .probed(call, now_ms(), Some(&server), held_epoch);
                     }
@@ -281,7 +281,7 @@ impl Poller {
                 self.replicas.cluster(call.replica()),
             ),
         );
-        let held_epoch = self.tables.cursor().map(|(_, epoch, _)| epoch);
+        let held_epoch = self.tables.cursor().map(|held| held.epoch);
         self.replicas.probed(call, now_ms(), None, held_epoch);
     }
 }
