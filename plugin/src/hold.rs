@@ -8,7 +8,10 @@
 //! tables arrive, for at most `hold_until_tables_ms`, and then routes it;
 //! past that it answers `UNAVAILABLE`, saying that the tables never
 //! arrived. Once a worker holds tables, nothing is held again: a service
-//! without endpoints is answered "no endpoint" at once, as before.
+//! without endpoints is answered "no endpoint" at once, as before. A worker
+//! holds tables from the step that begins its first load, not the one that
+//! ends it ([`crate::reload`]): it can answer every call from then on, a
+//! call reading its own service until the load reaches it.
 //!
 //! This module only decides: which call to hold, which to release when the
 //! tables come, which has waited too long, and what to count. The glue

@@ -9,7 +9,9 @@
 //!   the tables and re-reads only the services that changed, and picks the
 //!   upstream of each call by smooth weighted round-robin; a call that
 //!   comes before the worker's first tables is held until they arrive
-//!   ([`hold`]).
+//!   ([`hold`]). A full load of the tables (or a large delta) is read in
+//!   bounded slices, the calls meanwhile reading the services they need
+//!   one by one ([`reload`]).
 //!
 //! Everything here but [`glue`] is pure logic, built and unit-tested natively.
 
@@ -22,6 +24,7 @@ pub mod hold;
 pub mod naming;
 pub mod outlier;
 pub mod poll;
+pub mod reload;
 pub mod replicas;
 pub mod tables;
 

@@ -15,7 +15,9 @@ use std::collections::{HashMap, HashSet};
 pub struct WorkerTables {
     /// The poller's update sequence these tables hold.
     seq: Option<u64>,
-    services: HashMap<String, (Balancer, u64)>,
+    services: HashMap<String, Held>,
+    /// The generation services read now are stamped with.
+    generation: u64,
     /// Zone and slow start, from the router's configuration.
     policy: Policy,
     digest: Digest,
@@ -32,6 +34,15 @@ pub struct WorkerTables {
     listed: HashMap<String, HashSet<String>>,
 }
 
+/// One service held: its picker, its digest hash, and the generation of
+/// tables it was read in.
+#[derive(Debug)]
+struct Held {
+    picker: Balancer,
+    hash: u64,
+    generation: u64,
+}
+
 /// What `pick` found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pick<'a> {
@@ -45,6 +56,7 @@ impl WorkerTables {
         WorkerTables {
             seq: None,
             services: HashMap::new(),
+            generation: 0,
             policy,
             digest: Digest::default(),
             rng: SplitMix64::new(seed),
@@ -82,8 +94,8 @@ impl WorkerTables {
     /// leaves the service as it was.
     pub fn apply_service(&mut self, name: &str, value: &[u8], now_ms: u64) -> Result<(), String> {
         if value.is_empty() {
-            if let Some((_, hash)) = self.services.remove(name) {
-                self.digest.remove(hash);
+            if let Some(held) = self.services.remove(name) {
+                self.digest.remove(held.hash);
             }
             self.relist(name, HashSet::new());
             return Ok(());
@@ -96,8 +108,10 @@ impl WorkerTables {
         let hash = Digest::of_encoded(name, value);
         let policy = &self.policy;
         let mut picker = match self.services.remove(name) {
-            Some((mut picker, old)) => {
-                self.digest.remove(old);
+            Some(Held {
+                mut picker, hash, ..
+            }) => {
+                self.digest.remove(hash);
                 picker.update(&service, policy, now_ms);
                 picker
             }
@@ -110,13 +124,65 @@ impl WorkerTables {
             now_ms,
         );
         self.digest.add(hash);
-        self.services.insert(name.to_owned(), (picker, hash));
+        let generation = self.generation;
+        self.services.insert(
+            name.to_owned(),
+            Held {
+                picker,
+                hash,
+                generation,
+            },
+        );
         Ok(())
     }
 
-    /// Replaces every service with `values` (name, value); pickers of the
-    /// services that stay keep their place in the sequence. Values that do
-    /// not decode are skipped and reported.
+    /// Starts a new generation: every service held is from before it
+    /// until it is read again ([`Self::apply_service`]) or marked
+    /// ([`Self::mark_current`]).
+    pub fn begin_generation(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Whether `name` is held and was read in the current generation.
+    pub fn is_current(&self, name: &str) -> bool {
+        self.services
+            .get(name)
+            .is_some_and(|held| held.generation == self.generation)
+    }
+
+    /// Marks `name`, if held, as read in the current generation: what a
+    /// value that does not decode leaves (the service as it was, not read
+    /// again until it changes).
+    pub fn mark_current(&mut self, name: &str) {
+        if let Some(held) = self.services.get_mut(name) {
+            held.generation = self.generation;
+        }
+    }
+
+    /// Marks `name`, if held, as not read in the current generation: a
+    /// delta changed it, and it is read again ([`crate::reload`]).
+    pub fn mark_stale(&mut self, name: &str) {
+        if let Some(held) = self.services.get_mut(name) {
+            held.generation = self.generation.wrapping_sub(1);
+        }
+    }
+
+    /// The names held that are not current: from before the current
+    /// generation and not read in it since, or marked stale. One pass over
+    /// the tables, cloning only those names.
+    pub fn stale_names(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, held)| held.generation != self.generation)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Replaces every service with `values` (name, value), all at once;
+    /// pickers of the services that stay keep their place in the sequence.
+    /// Values that do not decode are skipped and reported. Workers load in
+    /// slices instead ([`crate::reload`]); this is the one-shot load those
+    /// slices are checked against.
     pub fn reload<'a>(
         &mut self,
         values: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
@@ -127,7 +193,7 @@ impl WorkerTables {
         let mut errors = Vec::new();
         for (name, value) in values {
             if let Some(kept) = old.remove(name) {
-                self.digest.add(kept.1);
+                self.digest.add(kept.hash);
                 self.services.insert(name.to_owned(), kept);
             }
             if let Err(e) = self.apply_service(name, &value, now_ms) {
@@ -197,9 +263,9 @@ impl WorkerTables {
     }
 
     fn mark_ejected(&mut self, now_ms: u64) {
-        for (name, (picker, _)) in &mut self.services {
+        for (name, held) in &mut self.services {
             let out = self.ejected.get(name);
-            picker.set_ejected(
+            held.picker.set_ejected(
                 |addr| out.is_some_and(|out| out.contains_key(addr)),
                 &self.policy,
                 now_ms,
@@ -215,7 +281,7 @@ impl WorkerTables {
         let policy = &self.policy;
         self.services
             .values_mut()
-            .filter_map(|(picker, _)| picker.step(policy, now_ms).then_some(()))
+            .filter_map(|held| held.picker.step(policy, now_ms).then_some(()))
             .count()
     }
 
@@ -223,7 +289,7 @@ impl WorkerTables {
     pub fn ejection_room(&self, service: &str) -> (usize, usize) {
         self.services
             .get(service)
-            .map_or((0, 0), |(p, _)| p.ejection_room())
+            .map_or((0, 0), |held| held.picker.ejection_room())
     }
 
     /// The encoded filter-state override for `addr`, made when its
@@ -233,7 +299,11 @@ impl WorkerTables {
     }
 
     pub fn pick(&mut self, service: &str) -> Pick<'_> {
-        match self.services.get_mut(service).and_then(|(p, _)| p.pick()) {
+        match self
+            .services
+            .get_mut(service)
+            .and_then(|held| held.picker.pick())
+        {
             Some(addr) => Pick::Endpoint(addr),
             None => Pick::NoEndpoint,
         }
@@ -347,6 +417,33 @@ mod tests {
         direct.add(Digest::of_encoded("a", &a));
         direct.add(Digest::of_encoded("b", &b));
         assert_eq!(stepwise.digest(), direct);
+    }
+
+    #[test]
+    fn a_generation_tells_the_services_read_since_it_began() {
+        let a = value(&[("127.0.0.1:1", 1)]);
+        let mut tables = WorkerTables::new(1, Policy::default());
+        tables.apply_service("a", &a, 0).expect("valid");
+        tables.apply_service("b", &a, 0).expect("valid");
+        assert!(tables.is_current("a") && !tables.is_current("none"));
+        tables.begin_generation();
+        assert!(!tables.is_current("a") && !tables.is_current("b"));
+        let mut stale = tables.stale_names();
+        stale.sort();
+        assert_eq!(stale, ["a", "b"]);
+        tables.apply_service("a", &a, 0).expect("valid");
+        // A value refused keeps the service; marking it counts it as read.
+        assert!(tables.apply_service("b", b"{garbage", 0).is_err());
+        assert!(!tables.is_current("b"));
+        tables.mark_current("b");
+        tables.mark_current("none");
+        assert!(tables.is_current("a") && tables.is_current("b"));
+        assert!(tables.stale_names().is_empty());
+        tables.mark_stale("a");
+        tables.mark_stale("none");
+        assert!(!tables.is_current("a") && tables.is_current("b"));
+        assert_eq!(tables.stale_names(), ["a"]);
+        assert_eq!(tables.len(), 2);
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The HTTP context of one call on a worker: the service it names, the
-//! pick and the override that sends it there, the hold for a call that
+//! pick (reading that one service first while a load has not reached it) and the override that sends it there, the hold for a call that
 //! comes before the worker's first tables (and its release or timeout),
 //! and the outcome that feeds outlier detection.
 
 use super::host::{bump_version, log, notify_workers, now_ms, update_shared};
-use super::router::WorkerState;
+use super::router::{HostShared, WorkerState};
 use crate::config::{HostOverride, OutlierConfig, ServiceFrom};
 use crate::filter_state::SET_FILTER_STATE;
 use crate::hold::Admit;
@@ -31,6 +31,7 @@ impl WorkerState {
                 return Routed::Answered;
             }
         };
+        self.load_on_demand(&service);
         let mut tables = self.tables.borrow_mut();
         let addr = match tables.pick(&service) {
             Pick::Endpoint(addr) => addr.to_owned(),
@@ -77,9 +78,24 @@ impl WorkerState {
         )
     }
 
-    /// The held calls: once this worker has tables, each is routed (or
-    /// answered) through its own context and resumed; until then, those
-    /// held for `hold_until_tables_ms` are answered. `back_to` is the
+    /// While services are left to read (a full load, a large delta), reads
+    /// the call's service if it is one of them: one service's cost on the
+    /// call path. A
+    /// value that cannot be read or decoded leaves the service as it was
+    /// (unknown if it was not held); the load reports it when it gets there.
+    fn load_on_demand(&self, service: &str) {
+        let loader = self.loader.borrow();
+        if !loader.is_loading() {
+            return;
+        }
+        let mut tables = self.tables.borrow_mut();
+        let _ = loader.ensure(&mut tables, &HostShared, service, now_ms());
+    }
+
+    /// The held calls: once this worker has tables (whole, or a load under
+    /// way that answers calls), each is routed (or answered) through its
+    /// own context and resumed; until then, those held for
+    /// `hold_until_tables_ms` are answered. `back_to` is the
     /// context in effect again afterwards (the caller's).
     pub(super) fn settle_held(&self, back_to: u32) {
         if self.hold.borrow().is_empty() {
@@ -243,7 +259,9 @@ impl RouteCall {
 impl HttpContext for RouteCall {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let shared = &self.shared;
-        // Before the first tick has loaded any tables.
+        // Before the first tick has loaded any tables. A worker holds tables
+        // (`seq`) from the step that begins its first load: calls go on
+        // then, each reading its own service until the load reaches it.
         if shared.tables.borrow().seq().is_none() {
             shared.refresh();
             if shared.tables.borrow().seq().is_none() {

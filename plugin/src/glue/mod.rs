@@ -10,7 +10,9 @@
 //! `UNAVAILABLE` two property reads that tell a connect failure. New tables
 //! reach a worker through a notice on its own shared queue (and a slow
 //! tick catches a notice missed), never through a check per call, and
-//! everything else happens only when something changed.
+//! everything else happens only when something changed. A full load (or a
+//! large delta) is read in slices on a short tick ([`crate::reload`]), never
+//! in one go.
 //!
 //! A call that comes before the worker has its first tables is paused and
 //! remembered by its context id ([`crate::hold::Hold`]); when the tables

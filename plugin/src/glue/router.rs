@@ -2,20 +2,19 @@
 //! contexts: the decoded tables and how they stay current (the notice on
 //! the worker's own queue, the tick, one 16-byte version read), the
 //! worker's numbering and gauges, and the counters flushed every
-//! [`ROUTER_FLUSH`]. What happens to one call, routed or held, is in
-//! [`super::call`].
+//! [`ROUTER_FLUSH`]. Services are read in slices ([`crate::reload`]), one
+//! per refresh, on a [`LOAD_TICK`] while any are left. What happens to one
+//! call, routed or held, is in [`super::call`].
 
 use super::call::RouteCall;
 use super::host::{
     clock_seed, log, now, now_ms, now_us, read_version, shared, update_shared, Metric,
 };
 use crate::config::RouterConfig;
-use crate::feed::{
-    index_names, queue_ids, service_key, with_queue, without_queue, ChangeLog, CHANGES_KEY,
-    INDEX_KEY, QUEUES_KEY,
-};
+use crate::feed::{queue_ids, with_queue, without_queue, QUEUES_KEY};
 use crate::hold::{decode_max_wait, raise_max_wait, Hold, HoldCounts, MAX_WAIT_KEY};
 use crate::outlier::{Ejections, FailureCounter};
+use crate::reload::{Loader, SharedData, SLICE};
 use crate::tables::WorkerTables;
 use crate::{Version, EJECTIONS_KEY};
 use proxy_wasm::hostcalls;
@@ -27,6 +26,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How often workers flush their counters and let ejected endpoints back
 /// (they check for new tables on every tick, `refresh_ms`).
 const ROUTER_FLUSH: Duration = Duration::from_millis(500);
+/// The tick while services are left to read (a full load, or a delta
+/// larger than a slice): one slice ([`SLICE`], at most 5 ms) a tick, so the
+/// worker thread is free at least 1 ms between slices for the calls waiting
+/// on it, and a load of 100,000 services (~70 slices) ends in well under a
+/// second instead of ~70 `refresh_ms` ticks (7 s at the default 100 ms).
+/// The tick goes back to `refresh_ms` when nothing is left.
+const LOAD_TICK: Duration = Duration::from_millis(1);
 
 /// One worker's routing state, shared by its HTTP contexts.
 pub(super) struct Router {
@@ -35,6 +41,7 @@ pub(super) struct Router {
     no_endpoint: Metric,
     ejections: Metric,
     refresh_us: Metric,
+    load_ms: Metric,
     notices: Metric,
     held: Metric,
     held_timed_out: Metric,
@@ -44,6 +51,8 @@ pub(super) struct Router {
     root_id: u32,
     /// When the counters were last flushed.
     flushed: SystemTime,
+    /// When slow start last stepped (host clock, ms).
+    stepped_ms: u64,
 }
 
 thread_local! {
@@ -102,10 +111,23 @@ fn show_queues() {
     }
 }
 
+/// The loader's view of proxy-wasm shared data.
+pub(super) struct HostShared;
+
+impl SharedData for HostShared {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        shared(key)
+    }
+}
+
 /// What the calls of one worker share.
 pub(super) struct WorkerState {
     pub(super) config: RouterConfig,
     pub(super) tables: RefCell<WorkerTables>,
+    /// What is left to read (a full load, a large delta): the tables answer
+    /// calls meanwhile, a call reading the one service it needs
+    /// ([`super::call`]).
+    pub(super) loader: RefCell<Loader>,
     /// The version last read from shared data, applied or not: a body that
     /// fails to decode is not decoded again on every call.
     seen: Cell<Version>,
@@ -113,11 +135,17 @@ pub(super) struct WorkerState {
     pub(super) routed: Cell<u64>,
     pub(super) no_endpoint: Cell<u64>,
     pub(super) ejections: Cell<u64>,
+    /// The longest refresh step since the last flush (µs).
     refresh_us: Cell<Option<u64>>,
-    /// This worker's gauges, set when its tables change: the revision and
-    /// digest it routes with. Made at the first refresh: a router root
-    /// context that never ticks (Envoy keeps one on the main thread) gets
-    /// none, so every gauge there is belongs to a worker that routes.
+    /// How long the last full load took, start to end (ms), until flushed.
+    load_ms: Cell<Option<u64>>,
+    /// Whether the tick is [`LOAD_TICK`], for services left to read.
+    fast_tick: Cell<bool>,
+    /// This worker's gauges, set when its tables change and are whole (not
+    /// while services are left to read): the revision and digest it routes
+    /// with. Made at the first refresh that leaves them whole: a router
+    /// root context that never ticks (Envoy keeps one on the main thread)
+    /// gets none, so every gauge there is belongs to a worker that routes.
     /// Named by the VM's [`WORKER_NUMBER`].
     worker_gauges: Cell<Option<(Metric, Metric)>>,
     /// The last refresh error logged, so a lasting one is logged once.
@@ -140,12 +168,15 @@ impl Router {
             shared: Rc::new(WorkerState {
                 config,
                 tables: RefCell::new(WorkerTables::new(clock_seed(), policy)),
+                loader: RefCell::default(),
                 seen: Cell::new(Version::default()),
                 failures: RefCell::default(),
                 routed: Cell::new(0),
                 no_endpoint: Cell::new(0),
                 ejections: Cell::new(0),
                 refresh_us: Cell::new(None),
+                load_ms: Cell::new(None),
+                fast_tick: Cell::new(false),
                 worker_gauges: Cell::new(None),
                 last_error: RefCell::new(None),
                 queue: Cell::new(QueueState::Unregistered),
@@ -156,6 +187,7 @@ impl Router {
             no_endpoint: Metric::define(MetricType::Counter, "etcd_mesh.calls_no_endpoint"),
             ejections: Metric::define(MetricType::Counter, "etcd_mesh.ejections"),
             refresh_us: Metric::define(MetricType::Gauge, "etcd_mesh.table_refresh_us"),
+            load_ms: Metric::define(MetricType::Gauge, "etcd_mesh.table_load_ms"),
             notices: Metric::define(MetricType::Counter, "etcd_mesh.table_notices"),
             held: Metric::define(MetricType::Counter, "etcd_mesh.calls_held"),
             held_timed_out: Metric::define(MetricType::Counter, "etcd_mesh.calls_held_timed_out"),
@@ -163,6 +195,7 @@ impl Router {
             held_max_wait: Metric::define(MetricType::Gauge, "etcd_mesh.calls_held_max_wait_ms"),
             root_id,
             flushed: UNIX_EPOCH,
+            stepped_ms: 0,
         }
     }
 
@@ -228,8 +261,14 @@ impl Router {
         shared.refresh();
         // Held calls go as soon as tables are in, or at their limit.
         shared.settle_held(self.root_id);
-        // Slow start moves in steps of one tick (`refresh_ms`).
-        shared.tables.borrow_mut().step_slow_start(now_ms());
+        // Slow start moves in steps of one tick (`refresh_ms`), not of the
+        // short tick of a load.
+        let stepped = now_ms();
+        let step_ms = u64::from(shared.config.refresh_ms);
+        if !shared.fast_tick.get() || stepped.saturating_sub(self.stepped_ms) >= step_ms {
+            self.stepped_ms = stepped;
+            shared.tables.borrow_mut().step_slow_start(stepped);
+        }
         let now = now();
         if now.duration_since(self.flushed).unwrap_or_default() < ROUTER_FLUSH {
             return;
@@ -240,6 +279,9 @@ impl Router {
         self.ejections.add(shared.ejections.take());
         if let Some(us) = shared.refresh_us.take() {
             self.refresh_us.set(us);
+        }
+        if let Some(ms) = shared.load_ms.take() {
+            self.load_ms.set(ms);
         }
         let counts = shared.hold.borrow_mut().take_counts();
         if counts != HoldCounts::default() {
@@ -281,22 +323,56 @@ impl WorkerState {
                     LogLevel::Warn,
                     &format!("etcd-mesh: {e}; checking for new tables every {UNNOTIFIED_REFRESH:?} instead"),
                 );
-                let tick = Duration::from_millis(u64::from(self.config.refresh_ms));
-                let _ = hostcalls::set_tick_period(tick.min(UNNOTIFIED_REFRESH));
+                // A load under way keeps its shorter tick until it ends.
+                if !self.fast_tick.get() {
+                    let _ = hostcalls::set_tick_period(self.normal_tick());
+                }
             }
         }
     }
 
+    /// The tick without a load: `refresh_ms`, shorter when no notice comes.
+    fn normal_tick(&self) -> Duration {
+        let tick = Duration::from_millis(u64::from(self.config.refresh_ms));
+        match self.queue.get() {
+            QueueState::Unavailable => tick.min(UNNOTIFIED_REFRESH),
+            _ => tick,
+        }
+    }
+
+    /// [`LOAD_TICK`] while services are left to read, the normal tick
+    /// otherwise.
+    /// From a call's context the host sets its root context's tick.
+    fn set_load_tick(&self, loading: bool) {
+        if self.fast_tick.get() == loading {
+            return;
+        }
+        let tick = if loading {
+            LOAD_TICK
+        } else {
+            self.normal_tick()
+        };
+        match hostcalls::set_tick_period(tick) {
+            Ok(()) => self.fast_tick.set(loading),
+            Err(status) => log(
+                LogLevel::Warn,
+                &format!("etcd-mesh: cannot set the tick to {tick:?}: {status:?}"),
+            ),
+        }
+    }
+
     /// Re-reads the tables or the ejections when, and only when, their
-    /// part of the version changed. A part that could not be read is not
-    /// marked seen, so the next call tries again.
+    /// part of the version changed, and reads one slice of the services
+    /// left to read. A part that could not be read is not marked seen, so the
+    /// next call tries again.
     pub(super) fn refresh(&self) {
         let Some(version) = read_version() else {
             return;
         };
         let mut seen = self.seen.get();
-        if version.tables != seen.tables {
-            match self.refresh_tables() {
+        let moved = version.tables != seen.tables;
+        if moved || self.loader.borrow().is_loading() {
+            match self.refresh_tables(moved) {
                 Ok(()) => {
                     seen.tables = version.tables;
                     self.last_error.replace(None);
@@ -324,37 +400,51 @@ impl WorkerState {
         self.seen.set(seen);
     }
 
-    /// Re-reads the services changed since the update this worker holds,
-    /// or all of them when it is too far behind.
-    fn refresh_tables(&self) -> Result<(), String> {
+    /// Marks the services changed since the update this worker holds when
+    /// `moved`, or begins a full load when it is too far behind; then reads
+    /// one slice of what is left. The worker's gauges say the
+    /// revision and digest held only when the tables are whole.
+    fn refresh_tables(&self, moved: bool) -> Result<(), String> {
         let started = now_us();
-        let changes = match shared(CHANGES_KEY)? {
-            Some(bytes) => ChangeLog::decode(&bytes)?,
-            None => return Err("no change log in shared data yet".into()),
-        };
         let mut tables = self.tables.borrow_mut();
-        let now = now_ms();
-        let mut bad = Vec::new();
-        match changes.since(tables.seq()) {
-            Some(names) => {
-                for name in names {
-                    let value = shared(&service_key(name))?.unwrap_or_default();
-                    if let Err(e) = tables.apply_service(name, &value, now) {
-                        bad.push(e);
-                    }
-                }
-            }
-            None => {
-                let index = shared(INDEX_KEY)?.unwrap_or_default();
-                let mut values = Vec::new();
-                for name in index_names(&index) {
-                    values.push((name, shared(&service_key(name))?.unwrap_or_default()));
-                }
-                bad = tables.reload(values, now);
-            }
+        let mut loader = self.loader.borrow_mut();
+        let result = loader.refresh(&mut tables, &HostShared, moved, &mut now_us, SLICE);
+        let loading = loader.is_loading();
+        drop(loader);
+        let took = now_us().saturating_sub(started);
+        let longest = self.refresh_us.get().map_or(took, |us| us.max(took));
+        self.refresh_us.set(Some(longest));
+        self.set_load_tick(loading);
+        let refreshed = result?;
+        if let Some(revision) = refreshed.current {
+            let (revision_gauge, digest_gauge) = self.worker_gauges();
+            revision_gauge.set(revision);
+            digest_gauge.set(tables.digest().value());
         }
-        tables.set_seq(changes.latest());
-        let (revision, digest) = self.worker_gauges.get().unwrap_or_else(|| {
+        if let Some(ms) = refreshed.loaded_in_ms {
+            self.load_ms.set(Some(ms));
+        }
+        // Said only of a load that took more than one slice.
+        if let (Some(ms), false) = (refreshed.loaded_in_ms, refreshed.load_started) {
+            log(
+                LogLevel::Info,
+                &format!(
+                    "etcd-mesh: worker loaded {} services in {ms} ms, in slices",
+                    tables.len()
+                ),
+            );
+        }
+        // A value that does not decode keeps its service as it was; it is
+        // not read again until it changes.
+        for e in refreshed.errors {
+            log(LogLevel::Error, &format!("etcd-mesh: shared tables: {e}"));
+        }
+        Ok(())
+    }
+
+    /// This worker's (revision, digest) gauges, made the first time.
+    fn worker_gauges(&self) -> (Metric, Metric) {
+        self.worker_gauges.get().unwrap_or_else(|| {
             let worker = WORKER_NUMBER.with(|number| {
                 let worker = number
                     .get()
@@ -371,15 +461,6 @@ impl WorkerState {
             let gauges = (gauge("table_revision"), gauge("table_digest"));
             self.worker_gauges.set(Some(gauges));
             gauges
-        });
-        revision.set(changes.revision());
-        digest.set(tables.digest().value());
-        // A value that does not decode keeps its service as it was; it is
-        // not read again until it changes.
-        for e in bad {
-            log(LogLevel::Error, &format!("etcd-mesh: shared tables: {e}"));
-        }
-        self.refresh_us.set(Some(now_us().saturating_sub(started)));
-        Ok(())
+        })
     }
 }
