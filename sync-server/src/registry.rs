@@ -289,13 +289,22 @@ impl Registry {
     /// endpoint is gone, or its health was that already). A return to
     /// health starts the endpoint's slow start again.
     pub fn set_health(&mut self, service: &str, addr: &str, health: Health, now_ms: u64) -> bool {
-        let Some(seen) = self
-            .observed
-            .get_mut(service)
-            .and_then(|by_addr| by_addr.get_mut(addr))
-        else {
+        let served = self.tables.services.get(service).is_some_and(|built| {
+            built
+                .service
+                .endpoints
+                .binary_search_by(|e| e.addr.as_str().cmp(addr))
+                .is_ok()
+        });
+        if !served {
             return false;
-        };
+        }
+        let seen = self
+            .observed
+            .entry(service.to_owned())
+            .or_default()
+            .entry(addr.to_owned())
+            .or_default();
         if seen.health == Some(health) {
             return false;
         }
@@ -335,6 +344,15 @@ impl Registry {
                 continue;
             };
             seen.serving_since_ms = None;
+            if seen.health.is_none() {
+                // Nothing observed any more: not held (see `observe`).
+                if let Some(by_addr) = self.observed.get_mut(&service) {
+                    by_addr.remove(&addr);
+                    if by_addr.is_empty() {
+                        self.observed.remove(&service);
+                    }
+                }
+            }
             self.health_touched.insert(service);
             expired = true;
         }
@@ -455,19 +473,34 @@ impl Registry {
     /// and forgets what it observed of endpoints gone: one that comes back
     /// is new again.
     fn observe(&mut self, name: &str, endpoints: &mut [Endpoint], now_ms: u64) {
-        let new_since = self.primed.then_some(now_ms);
-        let by_addr = self.observed.entry(name.to_owned()).or_default();
+        // New is what the tables served so far do not list (a re-listing
+        // keeps them until its commit). Only endpoints with something
+        // observed are held: at a million endpoints, one entry each would
+        // be another copy of every address.
+        let served = self.tables.services.get(name);
+        let known = |addr: &str| {
+            served.is_some_and(|built| {
+                built
+                    .service
+                    .endpoints
+                    .binary_search_by(|e| e.addr.as_str().cmp(addr))
+                    .is_ok()
+            })
+        };
+        let mut by_addr = self.observed.remove(name).unwrap_or_default();
         for endpoint in endpoints.iter_mut() {
-            let seen = by_addr.entry(endpoint.addr.clone()).or_insert_with(|| {
-                if let Some(stamp) = new_since {
-                    self.stamps
-                        .push_back((stamp, name.to_owned(), endpoint.addr.clone()));
-                }
-                Observed {
-                    serving_since_ms: new_since,
-                    health: None,
-                }
-            });
+            if !by_addr.contains_key(&endpoint.addr) && self.primed && !known(&endpoint.addr) {
+                self.stamps
+                    .push_back((now_ms, name.to_owned(), endpoint.addr.clone()));
+                by_addr.insert(
+                    endpoint.addr.clone(),
+                    Observed {
+                        serving_since_ms: Some(now_ms),
+                        health: None,
+                    },
+                );
+            }
+            let seen = by_addr.get(&endpoint.addr).copied().unwrap_or_default();
             endpoint.serving_since_ms = seen.serving_since_ms;
             endpoint.health = seen.health;
         }
@@ -476,8 +509,8 @@ impl Registry {
                 .binary_search_by(|e| e.addr.as_str().cmp(addr))
                 .is_ok()
         });
-        if by_addr.is_empty() {
-            self.observed.remove(name);
+        if !by_addr.is_empty() {
+            self.observed.insert(name.to_owned(), by_addr);
         }
     }
 }
