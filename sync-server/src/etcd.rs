@@ -28,8 +28,11 @@ use tracing::{info, warn};
 
 pub use etcd_mesh_etcd_options::{Backoff, ConnectError, EtcdOptions, EtcdTls};
 
-/// Keys in the first listing request, and the fewest in any.
-pub const LIST_PAGE_SIZE: i64 = 5_000;
+/// Keys in the first listing request, and the fewest in any: large
+/// enough that a big registry pays few pages (each walks the whole range
+/// left, see [`LIST_PAGE_BYTES`]), small enough in bytes for any
+/// registration values (50,000 of 1 KiB is 50 MiB).
+pub const LIST_PAGE_SIZE: i64 = 50_000;
 
 /// About how many bytes of keys and values one listing request brings.
 ///
@@ -150,6 +153,14 @@ async fn mark_stale_without_proof(publisher: Publisher, metrics: Arc<Metrics>, t
             publisher.set_stale(true);
         }
     }
+}
+
+/// How long a listing page of `limit` keys may take: the request timeout,
+/// and 10 µs a key more, since etcd reads every key of a large page (a
+/// loaded etcd took 3 s for 580,000) and a deadline missed on every try
+/// would keep sync-server from ever being ready.
+fn page_deadline(request_timeout: Duration, limit: i64) -> Duration {
+    request_timeout + Duration::from_micros(10 * u64::try_from(limit).unwrap_or(0))
 }
 
 /// One listing request: the keys from `from` (at most `limit`) of the
@@ -362,7 +373,14 @@ impl SyncRound<'_> {
         for (spec, watch) in self.specs.iter().enumerate() {
             let end = prefix_end(watch.prefix.as_bytes());
             let page = |from: Vec<u8>, limit: i64, revision: i64| {
-                let request = list_page(kv.clone(), from, end.clone(), limit, revision, timeout);
+                let request = list_page(
+                    kv.clone(),
+                    from,
+                    end.clone(),
+                    limit,
+                    revision,
+                    page_deadline(timeout, limit),
+                );
                 tokio::spawn(request)
             };
             let mut from = watch.prefix.as_bytes().to_vec();
@@ -550,6 +568,15 @@ mod tests {
         // The budget shrank with it.
         pages.listed(1_000, 1_000 * 64);
         assert!(pages.limit() < (1 << 20) / 64);
+    }
+
+    #[test]
+    fn a_large_page_gets_a_longer_deadline() {
+        use super::page_deadline;
+        use std::time::Duration;
+        let timeout = Duration::from_secs(5);
+        assert_eq!(page_deadline(timeout, 0), timeout);
+        assert_eq!(page_deadline(timeout, 500_000), Duration::from_secs(10));
     }
 
     #[test]

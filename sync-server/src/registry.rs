@@ -161,7 +161,9 @@ impl Registry {
         let id = (spec, key.to_vec());
         let change = match &parsed {
             Ok(_) => {
-                self.reported.remove(&id);
+                if !self.reported.is_empty() {
+                    self.reported.remove(&id);
+                }
                 Change::Accepted
             }
             Err(_) if self.reported.get(&id) == Some(&mod_revision) => Change::Unchanged,
@@ -196,7 +198,18 @@ impl Registry {
             mod_revision,
             parsed,
         };
-        if let Some(old) = self.entries.insert(id.clone(), entry) {
+        // The key is cloned again only when it replaces an entry.
+        let replaced = match self.entries.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut slot) => {
+                let old = slot.insert(entry);
+                Some((slot.key().clone(), old))
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(entry);
+                None
+            }
+        };
+        if let Some((id, old)) = replaced {
             self.forget(&id, old, true);
         }
         change
