@@ -7,26 +7,10 @@
 mod common;
 
 use common::{naming, Server, DEADLINE};
-use etcd_mesh_testkit::{fetch_snapshot, wait_for, EtcdCluster};
+use etcd_mesh_testkit::{fetch_snapshot, wait_for, EtcdCluster, Frozen};
 use std::time::{Duration, Instant};
 use sync_server::etcd::EtcdOptions;
 use sync_server::Config;
-
-/// SIGSTOP until dropped (SIGCONT then), even when the test fails.
-struct Frozen(u32);
-
-impl Frozen {
-    fn freeze(pid: u32) -> Frozen {
-        etcd_mesh_testkit::freeze(pid).expect("SIGSTOP");
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = etcd_mesh_testkit::thaw(self.0);
-    }
-}
 
 fn config(endpoints: Vec<String>, first_member: usize, freshness: Duration) -> Config {
     let mut etcd = EtcdOptions::new(endpoints);

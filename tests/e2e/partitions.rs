@@ -13,11 +13,11 @@
 use etcd_client::Client;
 use etcd_mesh_demo::client::{connect, split};
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
-use etcd_mesh_e2e::{Backend, Frozen, DEADLINE};
+use etcd_mesh_e2e::{Backend, DEADLINE};
 use etcd_mesh_registration::Instance;
 use etcd_mesh_testkit::{
-    fetch_snapshot, http_get, wait_for, workspace_root, Envoy, EnvoyOptions, Host, Net, NetEtcd,
-    Proc,
+    fetch_snapshot, http_get, wait_for, workspace_root, Envoy, EnvoyOptions, Frozen, Host, Net,
+    NetEtcd, Proc,
 };
 use std::net::SocketAddr;
 use std::path::Path;

@@ -9,9 +9,9 @@
 use etcd_client::Client;
 use etcd_mesh_demo::client::split;
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
-use etcd_mesh_e2e::{Backend, Frozen, SyncServerProcess, DEADLINE};
+use etcd_mesh_e2e::{Backend, SyncServerProcess, DEADLINE};
 use etcd_mesh_registration::Instance;
-use etcd_mesh_testkit::{wait_for, Envoy, EnvoyOptions, EtcdCluster};
+use etcd_mesh_testkit::{wait_for, Envoy, EnvoyOptions, EtcdCluster, Frozen};
 use std::time::{Duration, Instant};
 
 /// The longest a failover may take (the bound).

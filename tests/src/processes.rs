@@ -141,23 +141,6 @@ impl SyncServerProcess {
     }
 }
 
-/// SIGSTOP until dropped (then SIGCONT): a process that hangs rather than
-/// dies, with its sockets open.
-pub struct Frozen(u32);
-
-impl Frozen {
-    pub fn freeze(pid: u32) -> Frozen {
-        etcd_mesh_testkit::freeze(pid).expect("SIGSTOP");
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = etcd_mesh_testkit::thaw(self.0);
-    }
-}
-
 /// A `demo-backend` process (built by `make test`) inside a network-namespace
 /// host, listening on the host's own address and registered in etcd with
 /// it: a backend whose packets a test can drop ([`Net::cut`]).

@@ -392,6 +392,23 @@ pub fn thaw(pid: u32) -> Result<(), String> {
     signal(pid, nix::sys::signal::Signal::SIGCONT)
 }
 
+/// SIGSTOP until dropped (then SIGCONT, even when the test fails): a
+/// process that hangs rather than dies, with its sockets open.
+pub struct Frozen(u32);
+
+impl Frozen {
+    pub fn freeze(pid: u32) -> Frozen {
+        freeze(pid).expect("SIGSTOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = thaw(self.0);
+    }
+}
+
 fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<(), String> {
     let raw = i32::try_from(pid).map_err(|_| format!("no such pid {pid}"))?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal)
