@@ -11,9 +11,7 @@
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use etcd_mesh_registration::{EtcdOptions, Instance, Registration, State};
-use etcd_mesh_testkit::{wait_for, EtcdCluster};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use etcd_mesh_testkit::{wait_for, EtcdCluster, Frozen};
 use std::collections::BTreeSet;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -27,30 +25,13 @@ const TRIALS: usize = 5;
 /// one frozen.
 const FROZEN_FOR: Duration = Duration::from_secs(10);
 
-/// A stopped process, continued when dropped: a failing test thaws its
-/// member before the cluster (killed on drop) goes.
-struct Frozen(Pid);
-
-impl Frozen {
-    fn freeze(pid: Pid) -> Frozen {
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
-    }
-}
-
 /// The pid of the etcd keeping its data in `data_dir`. The test kit gives
 /// each member a data directory of its own (`<dir>/etcd-data-<name>`) but
 /// does not say its pid, so it is found in /proc by that argument.
-fn pid_of(data_dir: &Path) -> Pid {
+fn pid_of(data_dir: &Path) -> u32 {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -65,7 +46,7 @@ fn pid_of(data_dir: &Path) -> Pid {
         }
     }
     assert_eq!(found.len(), 1, "etcd for {}: {found:?}", data_dir.display());
-    Pid::from_raw(found[0])
+    found[0]
 }
 
 async fn connect(endpoint: &str) -> Option<Client> {
