@@ -5,8 +5,11 @@
 # section and keeps the other figures of bench/results.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ulimit -n 65536 2>/dev/null || true  # 1,000 long-polls need the descriptors
-cargo build --release -p etcd-mesh-bench
+# The scale ladder holds 10,000 long-polls (a descriptor each, in the driver
+# and in sync-server): as many descriptors as allowed, 65,536 at most.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# The scale ladder runs the release sync-server binary.
+cargo build --release -p etcd-mesh-bench -p etcd-mesh-sync-server
 # The cost ladder's empty filter is the plugin's `noop` role, which the shipped
 # module (`make build`) does not carry: a module with it, in its own target dir.
 CARGO_TARGET_DIR=target/bench-noop scripts/build-wasm.sh etcd-mesh-plugin --features bench-noop

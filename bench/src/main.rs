@@ -7,6 +7,7 @@
 
 mod cost;
 mod health;
+mod ladder;
 mod picker;
 mod replicas;
 mod report;
@@ -43,21 +44,18 @@ struct Cli {
     /// Calls of the split run.
     #[arg(long, default_value_t = 6_000)]
     split_calls: usize,
-    /// sync-server scale.
+    /// The scale ladder: endpoints in etcd at each rung (growing; etcd is
+    /// loaded incrementally, 10 endpoints per service).
+    #[arg(long, value_delimiter = ',', default_values_t = [100_000, 1_000_000, 2_000_000])]
+    ladder: Vec<usize>,
+    /// Held change-feed long-polls at each rung, and up-to-date clients of
+    /// its restart run with `digest`.
     #[arg(long, default_value_t = 10_000)]
-    services: usize,
-    #[arg(long, default_value_t = 100_000)]
-    endpoints: usize,
-    #[arg(long, default_value_t = 1_000)]
     long_polls: usize,
-    /// The larger count of held change-feed long-polls.
-    #[arg(long, default_value_t = 10_000)]
-    many_long_polls: usize,
-    /// Rolling restart: instances and how long it takes.
-    #[arg(long, default_value_t = 1_000)]
-    rolling_instances: usize,
+    /// Clients of the restart run without `digest` (the *before*: each
+    /// takes the whole tables).
     #[arg(long, default_value_t = 10)]
-    rolling_seconds: u64,
+    before_clients: usize,
     /// Endpoints in the plugin's tables for the apply and propagation runs.
     #[arg(long, default_value_t = 100_000)]
     plugin_endpoints: usize,
@@ -72,10 +70,6 @@ struct Cli {
     /// with ETCD_MESH_ENVOY) and keep the other figures.
     #[arg(long, conflicts_with = "scale_only")]
     cost_only: bool,
-    /// Held `/v1/snapshot` long-polls of the scale section (each receives
-    /// the whole registry: 0 skips them at sizes the client cannot hold).
-    #[arg(long)]
-    snapshot_long_polls: Option<usize>,
     /// Rounds of the dead-backend runs (three variants each).
     #[arg(long, default_value_t = 5)]
     health_rounds: usize,
@@ -192,13 +186,11 @@ async fn main() -> anyhow::Result<()> {
         last["scale"].clone()
     } else {
         scale::run(&scale::ScaleOptions {
-            services: cli.services,
-            endpoints: cli.endpoints,
-            snapshot_long_polls: cli.snapshot_long_polls.unwrap_or(cli.long_polls),
-            long_polls: cli.long_polls,
-            many_long_polls: cli.many_long_polls,
-            rolling_instances: cli.rolling_instances,
-            rolling_seconds: cli.rolling_seconds,
+            ladder: ladder::LadderOptions {
+                sizes: cli.ladder.clone(),
+                long_polls: cli.long_polls,
+                before_clients: cli.before_clients,
+            },
             plugin_endpoints: cli.plugin_endpoints,
             plugin_cycles: cli.plugin_cycles,
         })

@@ -9,11 +9,11 @@ use crate::traffic::changes_to_traffic;
 use crate::util::{median, percentile};
 use etcd_client::Client;
 use etcd_mesh_demo::{DEMO_PREFIX, DEMO_SERVICE};
-use etcd_mesh_e2e::{start_sync_server_on, Backend, Frozen, SyncServerProcess};
+use etcd_mesh_e2e::{start_sync_server_on, Backend, SyncServerProcess};
 use etcd_mesh_registration::Instance;
 use etcd_mesh_testkit::{
     envoy_template_path, free_port, lb_endpoints_yaml, render_envoy_config,
-    sync_cluster_names_json, wait_for, wasm_path, Envoy, EnvoyOptions, Etcd,
+    sync_cluster_names_json, wait_for, wasm_path, Envoy, EnvoyOptions, Etcd, Frozen,
 };
 use serde_json::{json, Value};
 use std::net::SocketAddr;

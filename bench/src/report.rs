@@ -140,101 +140,355 @@ pub fn markdown(r: &Value, b: &Value) -> String {
     md
 }
 
-/// The Scale section: the change feed against the full snapshot, side by
-/// side in this run, and the figures of the run before.
+/// The Scale section: the sync-server ladder, then the plugin rows.
 fn scale_section(sc: &Value, before: &Value) -> String {
-    let snap = &sc["snapshot_long_polls"];
-    let polls = sc["delta_long_polls"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let delta = |i: usize, key: &str| polls.get(i).map_or(Value::Null, |p| p[key].clone());
+    let mut md = String::from("## Scale\n\n");
+    md += &scale_ladder(&sc["ladder"], &before_rungs(before));
+    md += &plugin_rows(&sc["plugin"], &before["plugin"]);
+    md
+}
+
+/// The 1,000,000-endpoint figures of the one-off run in `RESULTS-1M.md`
+/// (a busy machine) and of the issue (a quiet one): the *before* of that
+/// rung until a committed run has a ladder.
+fn before_1m() -> Value {
+    json!({
+        "endpoints": 1_000_000,
+        "source": "RESULTS-1M.md, a busy machine",
+        "time_to_ready_ms": 59_824.0,
+        "hwm_mib": 918.0,
+        "full_answer_bytes": 43_527_471,
+        "full_answer_path": "/v1/snapshot",
+        "put_long_polls": { "all_answered_ms": 812.0 },
+        "quiet": { "source": "the issue, a quiet machine", "time_to_ready_ms": 17_800.0, "hwm_mib": 790.0 },
+    })
+}
+
+/// The rungs of the run before: its ladder, or (a run before the ladder)
+/// its one size and the 1,000,000-endpoint one-off.
+fn before_rungs(before: &Value) -> Vec<Value> {
+    if let Some(rungs) = before["ladder"]["rungs"].as_array() {
+        return rungs
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r["source"] = json!("the last committed run");
+                r
+            })
+            .collect();
+    }
+    let mut rungs = Vec::new();
+    if before["endpoints"].is_u64() {
+        let polls = before["delta_long_polls"]
+            .as_array()
+            .and_then(|p| p.last())
+            .cloned()
+            .unwrap_or_default();
+        rungs.push(json!({
+            "endpoints": before["endpoints"],
+            "source": "the committed results.json",
+            "time_to_ready_ms": before["time_to_ready_ms"],
+            "hwm_mib": before["peak_rss_mib"],
+            "full_answer_bytes": before["full_snapshot_bytes"],
+            "full_answer_path": "/v1/snapshot",
+            "put_long_polls": polls,
+        }));
+    }
+    rungs.push(before_1m());
+    rungs
+}
+
+/// `x` with a comma every three digits, no decimals.
+fn grouped(x: f64) -> String {
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    if x < 0.0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+fn grouped_v(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), grouped)
+}
+
+/// One cell: the figure `now(rung)`, and `was(before)` beside it when the
+/// run before has this size.
+fn cell(
+    rung: &Value,
+    before: Option<&Value>,
+    now: impl Fn(&Value) -> String,
+    was: impl Fn(&Value) -> Option<String>,
+) -> String {
+    match before.and_then(&was) {
+        Some(was) => format!("{} *(before: {was})*", now(rung)),
+        None => now(rung),
+    }
+}
+
+/// The ladder table: one column per size, the run before beside each
+/// figure, what each row measures, and the 10M extrapolation.
+fn scale_ladder(ladder: &Value, before: &[Value]) -> String {
+    let rungs = ladder["rungs"].as_array().cloned().unwrap_or_default();
+    if rungs.is_empty() {
+        return String::new();
+    }
+    let polls = grouped_v(&ladder["long_polls"]);
+    let before_clients = ladder["before_clients"].as_f64().unwrap_or(0.0);
+    let scale = ladder["long_polls"].as_f64().unwrap_or(0.0) / before_clients.max(1.0);
     let mut md = format!(
-        "## Scale\n\nsync-server (release build) over {} services / {} endpoints in etcd, \
-         answering raw HTTP/1.1 long-polls from this process; Envoy with two workers for the plugin rows. \
-         Each row says what it measures; *before* is the last committed run (the same rows, \
-         measured the old way where the old way is all there was).\n\n\
-         | what | now | before | goal |\n|---|---|---|---|\n",
-        sc["services"], sc["endpoints"],
+        "### Scale ladder\n\nOne etcd loaded step by step ({} endpoints per service, txns of 100 puts), \
+         and at each size a fresh sync-server (release build); clients are raw HTTP/1.1 connections \
+         from this process. *before* is {}.\n\n| | {} |\n|---|{}\n",
+        ladder["endpoints_per_service"],
+        before_sources(before),
+        rungs
+            .iter()
+            .map(|r| format!("{} endpoints", grouped_v(&r["endpoints"])))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(rungs.len()),
+    );
+    let mut row =
+        |what: &str, now: &dyn Fn(&Value) -> String, was: &dyn Fn(&Value) -> Option<String>| {
+            let cells: Vec<String> = rungs
+                .iter()
+                .map(|r| {
+                    let b = before.iter().find(|b| b["endpoints"] == r["endpoints"]);
+                    cell(r, b, now, was)
+                })
+                .collect();
+            md += &format!("| {what} | {} |\n", cells.join(" | "));
+        };
+    let ms = |v: &Value| v.as_f64().map(|x| format!("{} ms", grouped(x)));
+    let mib = |v: &Value| v.as_f64().map(|x| format!("{} MiB", grouped(x)));
+    let none = |_: &Value| None;
+    row(
+        "ready: start → `/readyz` 200",
+        &|r| format!("**{} ms**", grouped_v(&r["time_to_ready_ms"])),
+        &|b| {
+            let quiet = ms(&b["quiet"]["time_to_ready_ms"]).map(|q| format!("; {q} quiet"));
+            Some(ms(&b["time_to_ready_ms"])? + &quiet.unwrap_or_default())
+        },
+    );
+    row(
+        "listing (sync-server's log): its steps; pages; keys",
+        &|r| listing_cell(&r["listing"]),
+        &none,
+    );
+    row(
+        "VmRSS idle, after ready",
+        &|r| format!("{} MiB", grouped_v(&r["rss_idle_mib"])),
+        &|b| mib(&b["rss_idle_mib"]),
+    );
+    row(
+        &format!("VmRSS with {polls} long-polls held"),
+        &|r| format!("{} MiB", grouped_v(&r["rss_long_polls_mib"])),
+        &|b| mib(&b["rss_long_polls_mib"]),
+    );
+    row(
+        "VmHWM at the end",
+        &|r| format!("**{} MiB**", grouped_v(&r["hwm_mib"])),
+        &|b| {
+            let quiet = mib(&b["quiet"]["hwm_mib"]).map(|q| format!("; {q} quiet"));
+            Some(mib(&b["hwm_mib"])? + &quiet.unwrap_or_default())
+        },
+    );
+    row(
+        "full answer `GET /v1/changes`: bytes, serve ms (median of 3)",
+        &|r| {
+            format!(
+                "{} B, {} ms",
+                grouped_v(&r["full_answer_bytes"]),
+                num(&r["full_answer_serve_ms_median"], 1)
+            )
+        },
+        &|b| {
+            let path = b["full_answer_path"].as_str().map(|p| format!(", `{p}`"));
+            Some(format!(
+                "{} B{}",
+                grouped(b["full_answer_bytes"].as_f64()?),
+                path.unwrap_or_default()
+            ))
+        },
+    );
+    row(
+        &format!("one put → all {polls} held long-polls answered: p100 (median)"),
+        &|r| {
+            let p = &r["put_long_polls"];
+            format!(
+                "**{} ms** ({} ms)",
+                num(&p["all_answered_ms"], 1),
+                num(&p["median_answered_ms"], 1)
+            )
+        },
+        &|b| {
+            let p = &b["put_long_polls"];
+            Some(format!("{} ms p100", num(&p["all_answered_ms"], 1)))
+                .filter(|_| p["all_answered_ms"].is_number())
+        },
+    );
+    row(
+        &format!("restart, {polls} up-to-date clients with `digest`: bytes, full answers, SIGTERM → last 200"),
+        &|r| restart_cell(&r["restart_with_digest"]),
+        &|b| Some(restart_cell(&b["restart_with_digest"])).filter(|_| b["restart_with_digest"].is_object()),
+    );
+    row(
+        &format!(
+            "restart, {} clients without `digest` (*before*): bytes measured; scaled to {polls}",
+            before_clients
+        ),
+        &|r| {
+            let run = &r["restart_without_digest"];
+            match run["bytes_total"].as_f64() {
+                Some(bytes) => format!(
+                    "{}; **{} B** scaled",
+                    restart_cell(run),
+                    grouped(bytes * scale)
+                ),
+                None => restart_cell(run),
+            }
+        },
+        &none,
+    );
+    row(
+        "etcd: puts of this step; database size",
+        &|r| {
+            format!(
+                "{} s; {} MiB",
+                num(&r["etcd_load_s"], 1),
+                grouped_v(&r["etcd_db_mib"])
+            )
+        },
+        &none,
+    );
+    md += &format!(
+        "\nWhat the rows measure. *ready*: from starting the process to `/readyz` answering 200 \
+         (etcd listed in full, the tables built and published); *listing*: where that went, from \
+         sync-server's own log line (the listing requests to etcd, building the tables, encoding \
+         and publishing them; listing pages and keys). *VmRSS* (resident memory now, from \
+         `/proc/<pid>/status`) right after ready, and while the {polls} change-feed long-polls are \
+         held; *VmHWM*: its highest resident memory over the whole run (the *before* figures are \
+         this peak). *full answer*: what a new client downloads. *one put*: {polls} long-polls \
+         held on `/v1/changes?since=R&epoch=E&wait=120`, one registration's weight changed, \
+         p100 and median from the put to the first byte of each answer. *restart*: up-to-date \
+         clients (holding a full answer's revision, health_seq, epoch, observer and digest) \
+         long-poll, sync-server is stopped (SIGTERM) and a new one started on the same address; \
+         each client retries until it gets a 200: the body bytes they received in all, how many \
+         answers were whole tables, and the time from the SIGTERM to the last 200 (and to the \
+         median client's; of which the old process took *stop* to exit and the new one *new \
+         ready* to be ready, with the clients reconnecting). Without \
+         `digest` each client takes the whole tables again: measured with {before_clients} clients \
+         and multiplied by {scale} to compare with {polls}.\n\n"
+    );
+    md += &extrapolation(&ladder["extrapolated"]);
+    md
+}
+
+/// The steps of sync-server's listing log line (`…_ms` fields, the usual
+/// ones in the order they happen, then any other), its pages and keys.
+fn listing_cell(listing: &Value) -> String {
+    const USUAL: [&str; 5] = ["fetch_ms", "list_ms", "build_ms", "put_ms", "publish_ms"];
+    let Some(fields) = listing.as_object() else {
+        return "(no listing log line)".into();
+    };
+    let others = fields
+        .keys()
+        .filter(|k| k.ends_with("_ms") && !USUAL.contains(&k.as_str()));
+    let steps: Vec<String> = USUAL
+        .iter()
+        .copied()
+        .chain(others.map(String::as_str))
+        .filter_map(|k| {
+            let ms = grouped(fields.get(k)?.as_f64()?);
+            Some(format!("{} {ms}", k.strip_suffix("_ms")?))
+        })
+        .collect();
+    format!(
+        "{} ms; {} pages; {} keys",
+        steps.join(" / "),
+        grouped_v(&listing["pages"]),
+        grouped_v(&listing["keys"])
+    )
+}
+
+/// Where the *before* figures come from.
+fn before_sources(before: &[Value]) -> String {
+    let sources: Vec<String> = before
+        .iter()
+        .map(|b| {
+            let quiet = b["quiet"]["source"]
+                .as_str()
+                .map(|q| format!("; \"quiet\": {q}"))
+                .unwrap_or_default();
+            format!(
+                "{} endpoints: {}{quiet}",
+                grouped_v(&b["endpoints"]),
+                b["source"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    if sources.is_empty() {
+        "empty (no earlier run)".into()
+    } else {
+        sources.join("; ")
+    }
+}
+
+/// A restart run: bytes, full answers, time to the last 200 (or its error).
+fn restart_cell(run: &Value) -> String {
+    if let Some(error) = run["error"].as_str() {
+        return format!("failed: {}", error.replace('|', "\\|").replace('\n', " "));
+    }
+    format!(
+        "{} B, {} of {} full; last 200 after {} ms (median {}; stop {} + new ready {})",
+        grouped_v(&run["bytes_total"]),
+        grouped_v(&run["full_answers"]),
+        grouped_v(&run["clients"]),
+        grouped_v(&run["restart_to_last_200_ms"]),
+        grouped_v(&run["restart_to_200_ms_median"]),
+        grouped_v(&run["stop_ms"]),
+        grouped_v(&run["new_server_ready_ms"]),
+    )
+}
+
+/// The 10M line, on paper.
+fn extrapolation(x: &Value) -> String {
+    if x["time_to_ready_ms"].is_null() {
+        return String::new();
+    }
+    format!(
+        "**{} endpoints, extrapolated — not measured.** A least-squares straight line (linear in \
+         endpoints) through the {} sizes measured above, read at {}: ready ≈ {} s, VmRSS idle ≈ {} MiB, \
+         VmHWM ≈ {} MiB. Anything that grows faster than linearly makes these optimistic.\n\n",
+        grouped_v(&x["endpoints"]),
+        x["rungs"],
+        grouped_v(&x["endpoints"]),
+        num(&(x["time_to_ready_ms"].as_f64().unwrap_or(0.0) / 1e3).into(), 1),
+        grouped_v(&x["rss_idle_mib"]),
+        grouped_v(&x["hwm_mib"]),
+    )
+}
+
+/// The plugin at scale, with the run before beside it.
+fn plugin_rows(p: &Value, bp: &Value) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    let mut md = format!(
+        "### The plugin at scale\n\nEnvoy with two workers, {} endpoints in {} services in its \
+         tables.\n\n| what | now | before | goal |\n|---|---|---|---|\n",
+        p["endpoints"], p["services"]
     );
     let mut row = |what: String, now: String, was: String, goal: &str| {
         md += &format!("| {what} | {now} | {was} | {goal} |\n");
     };
-    row(
-        "time to the first ready snapshot".into(),
-        format!("{} ms", num(&sc["time_to_ready_ms"], 0)),
-        format!("{} ms", num(&before["time_to_ready_ms"], 0)),
-        "",
-    );
-    row(
-        "peak RSS of sync-server (after the long-poll runs)".into(),
-        format!("{} MiB", num(&sc["peak_rss_mib"], 0)),
-        format!("{} MiB", num(&before["peak_rss_mib"], 0)),
-        "",
-    );
-    row(
-        format!(
-            "GET /v1/snapshot, the whole registry ({} bytes)",
-            sc["full_snapshot_bytes"]
-        ),
-        format!("{} ms", num(&sc["full_snapshot_serve_ms_median"], 1)),
-        format!("{} ms", num(&before["full_snapshot_serve_ms_median"], 1)),
-        "",
-    );
-    row(
-        format!(
-            "one put → all {} held `/v1/snapshot` long-polls answered (full snapshot, p100)",
-            snap["long_polls"]
-        ),
-        format!(
-            "{} ms, {} B each",
-            num(&snap["all_answered_ms"], 1),
-            snap["bytes_per_answer"]
-        ),
-        format!(
-            "{} ms, {} B each",
-            num(&before["snapshot_long_polls"]["all_answered_ms"], 1),
-            before["snapshot_long_polls"]["bytes_per_answer"]
-        ),
-        "",
-    );
-    for (i, goal) in [(0, "< 50 ms, < 2 KB"), (1, "< 500 ms")] {
-        row(
-            format!(
-                "one put → all {} held `/v1/changes` long-polls answered (delta, p100)",
-                delta(i, "long_polls")
-            ),
-            format!(
-                "{} ms (median {} ms), {} B each",
-                num(&delta(i, "all_answered_ms"), 1),
-                num(&delta(i, "median_answered_ms"), 1),
-                delta(i, "bytes_per_answer")
-            ),
-            "(full snapshot only)".into(),
-            goal,
-        );
-    }
-    for rolling in sc["rolling_restart"].as_array().into_iter().flatten() {
-        row(
-            format!(
-                "rolling restart, {} instances in {} s ({} changes): bytes to one Envoy following `/v1/{}`",
-                rolling["instances"],
-                num(&rolling["seconds"], 0),
-                rolling["changes"],
-                rolling["feed"].as_str().unwrap_or("?")
-            ),
-            format!(
-                "{} MB in {} answers; sync-server CPU {} s",
-                num(&(rolling["bytes_to_one_envoy"].as_f64().unwrap_or(0.0) / 1e6).into(), 2),
-                rolling["answers"],
-                num(&rolling["sync_server_cpu_s"], 2)
-            ),
-            "".into(),
-            "",
-        );
-    }
-    let p = &sc["plugin"];
-    let bp = &before["plugin"];
     row(
         format!(
             "plugin with {} endpoints: put → the poller holds it (median, p99)",
@@ -266,16 +520,31 @@ fn scale_section(sc: &Value, before: &Value) -> String {
             num(&p["worker_apply_ms_max"], 3)
         ),
         format!(
-            "{} ms (whole tables) at {} endpoints",
-            num(&bp["worker_table_refresh_ms_median"], 2),
+            "{} ms, {} ms at {} endpoints",
+            num(&bp["worker_apply_ms_median"], 3),
+            num(&bp["worker_apply_ms_max"], 3),
             bp["endpoints"]
         ),
         "< 0.5 ms",
     );
     row(
-        "plugin: a worker loads the whole tables (first call)".into(),
+        "plugin: a worker loads the whole tables, first call: the longest blocking refresh step \
+         (`table_refresh_us`)"
+            .into(),
         format!("{} ms", num(&p["worker_first_load_ms"], 1)),
-        "".into(),
+        format!("{} ms", num(&bp["worker_first_load_ms"], 1)),
+        "",
+    );
+    row(
+        "plugin: the same load across its slices (`table_load_ms`; 0 or - : not reported)".into(),
+        format!("{} ms", num(&p["worker_table_load_ms"], 0)),
+        format!("{} ms", num(&bp["worker_table_load_ms"], 0)),
+        "",
+    );
+    row(
+        "Envoy VmRSS after the tables are loaded".into(),
+        format!("{} MiB", num(&p["envoy_rss_mib_after_load"], 0)),
+        format!("{} MiB", num(&bp["envoy_rss_mib_after_load"], 0)),
         "",
     );
     let prop = &p["propagation"];

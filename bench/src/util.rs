@@ -1,4 +1,5 @@
-//! Measuring helpers: CPU time of a process, percentiles, h2load runs.
+//! Measuring helpers: CPU time and memory of a process, percentiles, a
+//! least-squares line, h2load runs.
 
 use anyhow::{bail, Context};
 use std::path::Path;
@@ -26,15 +27,39 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// Peak resident memory of `pid`, in MiB.
+/// Peak resident memory of `pid` (`VmHWM`), in MiB.
 pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    status_mib(pid, "VmHWM")
+}
+
+/// Resident memory of `pid` now (`VmRSS`), in MiB.
+pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    status_mib(pid, "VmRSS")
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in MiB.
+fn status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmHWM")?;
+        .with_context(|| format!("{field} of process {pid}"))?;
     Ok(kib / 1024.0)
+}
+
+/// The least-squares line through `points` (x, y): (slope, intercept);
+/// `None` with fewer than two distinct x.
+pub fn linear_fit(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    (sxx > 0.0).then(|| {
+        let slope = sxy / sxx;
+        (slope, mean_y - slope * mean_x)
+    })
 }
 
 /// The `p`-th percentile (0..=100) of `values`, nearest rank.
