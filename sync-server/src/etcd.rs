@@ -213,13 +213,20 @@ impl PageSizer {
 
     /// Counts a page; the next asks for as many keys of the average size
     /// so far as fit the byte budget.
-    fn listed(&mut self, keys: usize, bytes: usize) {
+    ///
+    /// `left` (keys in the range after this page, from etcd's count) caps
+    /// the next page at half of them: a page is put into the tables while
+    /// etcd reads the next, so pages that halve hide each put behind the
+    /// next read but the last, a small one. The extra pages cost little:
+    /// each walks only what is left.
+    fn listed(&mut self, keys: usize, bytes: usize, left: u64) {
         self.pages += 1;
         self.keys += keys;
         self.listed_bytes += bytes;
         let average = (self.listed_bytes / self.keys.max(1)).max(1);
         let fit = i64::try_from(self.bytes / average).unwrap_or(i64::MAX);
-        self.limit = fit.max(self.fewest);
+        let half = i64::try_from(left.div_ceil(2)).unwrap_or(i64::MAX);
+        self.limit = fit.min(half).max(self.fewest);
     }
 
     /// Halves the next page after one passed the message limit; false
@@ -405,6 +412,9 @@ impl SyncRound<'_> {
                     cluster = response.header().map(|h| h.cluster_id()).unwrap_or(0);
                 }
                 let more = response.more() && !response.kvs().is_empty();
+                let left = u64::try_from(response.count())
+                    .unwrap_or(0)
+                    .saturating_sub(response.kvs().len() as u64);
                 pages.listed(
                     response.kvs().len(),
                     response
@@ -412,6 +422,7 @@ impl SyncRound<'_> {
                         .iter()
                         .map(|kv| kv.key().len() + kv.value().len())
                         .sum(),
+                    left,
                 );
                 if let Some(last) = response.kvs().last().filter(|_| more) {
                     // The next page starts just after the last key, and is
@@ -547,18 +558,23 @@ mod tests {
         let mut pages = PageSizer::new(5_000, 64 << 20);
         assert_eq!(pages.limit(), 5_000);
         // 5,000 keys of 128 bytes: the next page asks for 64 MiB of them.
-        pages.listed(5_000, 5_000 * 128);
+        pages.listed(5_000, 5_000 * 128, u64::MAX);
         assert_eq!(pages.limit(), (64 << 20) / 128);
+        // Half of what is left, when that is less.
+        pages.listed(0, 0, 200_000);
+        assert_eq!(pages.limit(), 100_000);
+        pages.listed(0, 0, 20_001);
+        assert_eq!(pages.limit(), 10_001);
         // Huge values: never fewer keys than the first page.
-        pages.listed(1, 1 << 40);
+        pages.listed(1, 1 << 40, u64::MAX);
         assert_eq!(pages.limit(), 5_000);
-        assert_eq!((pages.pages, pages.keys), (2, 5_001));
+        assert_eq!((pages.pages, pages.keys), (4, 5_001));
     }
 
     #[test]
     fn a_page_over_the_message_limit_shrinks_down_to_the_first_size() {
         let mut pages = PageSizer::new(1_000, 1 << 20);
-        pages.listed(1_000, 1_000 * 64);
+        pages.listed(1_000, 1_000 * 64, u64::MAX);
         assert_eq!(pages.limit(), (1 << 20) / 64);
         assert!(pages.shrink());
         assert_eq!(pages.limit(), (1 << 20) / 128);
@@ -566,7 +582,7 @@ mod tests {
         assert_eq!(pages.limit(), 1_000);
         assert!(!pages.shrink(), "the first size is the floor");
         // The budget shrank with it.
-        pages.listed(1_000, 1_000 * 64);
+        pages.listed(1_000, 1_000 * 64, u64::MAX);
         assert!(pages.limit() < (1 << 20) / 64);
     }
 
@@ -583,7 +599,7 @@ mod tests {
     fn an_empty_listing_keeps_the_first_size() {
         let mut pages = PageSizer::new(0, 1 << 20);
         assert_eq!(pages.limit(), 1);
-        pages.listed(0, 0);
+        pages.listed(0, 0, 0);
         assert!(pages.limit() >= 1);
     }
 }
