@@ -11,7 +11,8 @@ use crate::util::{linear_fit, median, peak_rss_mib, rss_mib};
 use anyhow::Context;
 use etcd_client::Client;
 use etcd_mesh_testkit::{
-    free_port, http_get, prometheus_value, wait_ready, workspace_root, Etcd, Proc,
+    free_port, http_get, prometheus_value, wait_for, wait_ready, workspace_root, Envoy,
+    EnvoyOptions, Etcd, Proc,
 };
 use etcd_mesh_wire::Changes;
 use serde_json::{json, Value};
@@ -111,6 +112,12 @@ async fn measure(
             .await?;
     eprintln!("ladder: one put answered {} long-polls", options.long_polls);
     let hwm = peak_rss_mib(server.pid())?;
+    let services = endpoints.div_ceil(crate::scale::ENDPOINTS_PER_SERVICE);
+    let envoy = json!({
+        "unscoped": envoy_memory(dir, listen, services, None).await,
+        "scoped": envoy_memory(dir, listen, services, Some(SCOPED_SERVICES)).await,
+    });
+    eprintln!("ladder: Envoy's memory measured");
     let (before, after) = restarts(server, etcd, options, log).await;
     Ok(json!({
         "endpoints": endpoints,
@@ -123,9 +130,69 @@ async fn measure(
         "full_answer_bytes": full.bytes,
         "full_answer_serve_ms_median": full.serve_ms_median,
         "put_long_polls": polls,
+        "envoy": envoy,
         "restart_without_digest": before,
         "restart_with_digest": after,
     }))
+}
+
+/// Services a scoped Envoy asks for.
+const SCOPED_SERVICES: usize = 10;
+
+/// An Envoy (two workers) following the sync-server at `listen`, all of
+/// its `services` or the first `scope` of them: its resident memory once
+/// the poller holds them and a worker loaded them, and how long that took;
+/// `{"error": ...}` if it did not within two minutes.
+async fn envoy_memory(
+    dir: &Path,
+    listen: SocketAddr,
+    services: usize,
+    scope: Option<usize>,
+) -> Value {
+    let measured = async {
+        let names = scope.map(|n| {
+            let names: Vec<String> = (0..n).map(|i| format!("\"scale-{i}\"")).collect();
+            format!(r#", "services": [{}]"#, names.join(","))
+        });
+        let poller = format!(
+            r#"{{"role": "poller", "clusters": {{{{SYNC_CLUSTER_NAMES}}}}, "authority": "sync-server"{}}}"#,
+            names.unwrap_or_default()
+        );
+        let dir = tempfile::tempdir_in(dir)?;
+        let started = Instant::now();
+        let envoy = Envoy::start(
+            dir.path(),
+            EnvoyOptions {
+                concurrency: 2,
+                sync_servers: vec![listen],
+                poller_config: Some(poller),
+                ..EnvoyOptions::default()
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let want = scope.unwrap_or(services) as u64;
+        wait_for(
+            "the Envoy to hold the tables",
+            Duration::from_secs(120),
+            || async {
+                let held = envoy.stat("wasmcustom.etcd_mesh.table_services").await?;
+                // A scoped load of a few services may take under a millisecond.
+                let loaded = envoy.stat("wasmcustom.etcd_mesh.table_load_ms").await?;
+                (held >= want && (scope.is_some() || loaded > 0)).then_some(())
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        Ok::<_, anyhow::Error>(json!({
+            "services": want,
+            "held_after_ms": started.elapsed().as_secs_f64() * 1e3,
+            "rss_mib": rss_mib(envoy.pid())?,
+        }))
+    };
+    measured
+        .await
+        .unwrap_or_else(|e| json!({ "error": e.to_string() }))
 }
 
 /// The restart runs, without `digest` (the *before*) and then with it,

@@ -358,6 +358,25 @@ fn scale_ladder(ladder: &Value, before: &[Value]) -> String {
         &none,
     );
     row(
+        "Envoy (two workers) holding them: VmRSS unscoped; scoped to 10 services",
+        &|r| {
+            let envoy = |e: &Value| match e["rss_mib"].as_f64() {
+                Some(rss) => format!(
+                    "{} MiB (held {} ms after start)",
+                    grouped(rss),
+                    grouped_v(&e["held_after_ms"])
+                ),
+                None => format!("failed: {}", e["error"].as_str().unwrap_or("not measured")),
+            };
+            format!(
+                "{}; {}",
+                envoy(&r["envoy"]["unscoped"]),
+                envoy(&r["envoy"]["scoped"])
+            )
+        },
+        &none,
+    );
+    row(
         "etcd: puts of this step; database size",
         &|r| {
             format!(
