@@ -183,7 +183,15 @@ async fn envoy_memory(
             },
         )
         .await
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| {
+            let log = envoy.log_tail(200);
+            let why = if log.contains("buffer size limit for async client response body") {
+                "the full answer is over Envoy's 32 MiB buffer for a plugin's HTTP call"
+            } else {
+                "see Envoy's log"
+            };
+            anyhow::anyhow!("{e} ({why})")
+        })?;
         Ok::<_, anyhow::Error>(json!({
             "services": want,
             "held_after_ms": started.elapsed().as_secs_f64() * 1e3,

@@ -101,6 +101,24 @@ async fn sync_server_killed_and_restarted_under_load_fails_no_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_sync_server_keeps_the_last_tables() {
+    bad_answers_keep_the_last_tables(b"{\"revision\": 999999, \"services\": ".to_vec()).await;
+}
+
+/// Envoy buffers at most 32 MiB of a plugin's HTTP call answer; a larger
+/// one is drained and the call fails without headers (the SDK's header
+/// reader panics on what the host returns then: the VM must not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_envoys_buffer_limit_keeps_the_last_tables() {
+    let mut body = b"{\"revision\": 999999, \"services\": {}".to_vec();
+    body.resize(33 << 20, b' ');
+    body.push(b'}');
+    bad_answers_keep_the_last_tables(body).await;
+}
+
+/// Something else answers on sync-server's port, 200 with `body`, over
+/// and over: the poller keeps asking, counts failed polls, and the tables
+/// held and the routing stay as they were.
+async fn bad_answers_keep_the_last_tables(body: Vec<u8>) {
     let mut mesh = Mesh::start(2).await;
     let backends = mesh.weighted_backends(&[1]).await;
     let revision = "wasmcustom.etcd_mesh.table_revision";
@@ -114,7 +132,6 @@ async fn garbage_from_sync_server_keeps_the_last_tables() {
         "tables held: {held:?}"
     );
     mesh.stop_sync_server();
-    // Something else answers on sync-server's port: 200 with garbage.
     let impostor = std::net::TcpListener::bind(mesh.sync_addr).or_else(|_| {
         std::thread::sleep(Duration::from_millis(200));
         std::net::TcpListener::bind(mesh.sync_addr)
@@ -133,8 +150,12 @@ async fn garbage_from_sync_server_keeps_the_last_tables() {
                         let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
                         let mut buf = [0u8; 4096];
                         let _ = conn.read(&mut buf);
-                        let body = "{\"revision\": 999999, \"services\": ";
-                        let _ = write!(conn, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = conn.write_all(&body);
                         answered.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -143,13 +164,14 @@ async fn garbage_from_sync_server_keeps_the_last_tables() {
         })
     };
     let polls_failed = "wasmcustom.etcd_mesh.polls_failed";
-    wait_for("garbage to be served twice", DEADLINE, || async {
+    // A poller whose VM died would not ask again.
+    wait_for("the bad answer to be served twice", DEADLINE, || async {
         (answered.load(Ordering::Relaxed) >= 2).then_some(())
     })
     .await
     .expect("the poller keeps asking");
     let failed = mesh.envoy.stat(polls_failed).await.unwrap_or(0);
-    assert!(failed >= 1, "garbage counts as a failed poll");
+    assert!(failed >= 1, "a bad answer counts as a failed poll");
     let mut client = mesh.clients(1).await.remove(0);
     for _ in 0..50 {
         let served_by = say(&mut client, SayRequest::default())
@@ -163,8 +185,10 @@ async fn garbage_from_sync_server_keeps_the_last_tables() {
             mesh.envoy.stat(digest).await
         ),
         held,
-        "the garbage changed nothing held"
+        "the bad answer changed nothing held"
     );
+    let log = mesh.envoy.log_tail(400);
+    assert!(!log.contains("panicked"), "the plugin panicked:\n{log}");
     stop.cancel();
     impostor.join().expect("impostor");
 }

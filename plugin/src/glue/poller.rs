@@ -147,17 +147,28 @@ impl Poller {
         }
     }
 
-    pub(super) fn on_response(&mut self, token: u32, body_size: usize) {
+    pub(super) fn on_response(&mut self, token: u32, headers: usize, body_size: usize) {
         // Answers of calls abandoned (a replica left) are not wanted.
         let Some(call) = self.replicas.take(token) else {
             return;
         };
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
+        // A call that failed (reset, timeout, or an answer over Envoy's
+        // buffer limit, drained) has no response headers, and the SDK's
+        // readers panic on the status the host then returns: read nothing.
+        let status = (headers > 0)
+            .then(|| {
+                hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+                    .ok()
+                    .flatten()
+            })
             .flatten();
         let body = || {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
+            (body_size > 0)
+                .then(|| {
+                    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                        .ok()
+                        .flatten()
+                })
                 .flatten()
                 .unwrap_or_default()
         };
@@ -169,7 +180,10 @@ impl Poller {
                 },
                 Some("304") => self.succeed(None),
                 Some(other) => self.fail(call, &format!("answered {other}")),
-                None => self.fail(call, "did not answer (timeout or reset)"),
+                None => self.fail(
+                    call,
+                    "did not answer (timeout, reset, or an answer over Envoy's 32 MiB limit for a plugin's call: scope the poller with `services`)",
+                ),
             },
             Call::Check { .. } | Call::Survey { .. } => {
                 let outcome = match status.as_deref() {

@@ -56,9 +56,9 @@ impl Context for MeshRoot {
         true
     }
 
-    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _: usize) {
         if let Some(Role::Poller(poller)) = &mut self.role {
-            poller.on_response(token, body_size);
+            poller.on_response(token, headers, body_size);
         }
     }
 }
