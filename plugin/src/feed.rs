@@ -429,13 +429,7 @@ mod tests {
     #[test]
     fn another_observer_continues_the_tables_held_and_the_digest_is_sent_only_to_servers_that_read_it(
     ) {
-        let mut held = PollerTables::default();
-        held.apply(from(
-            "e",
-            "a",
-            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
-        ))
-        .expect("fits");
+        let mut held = holding_s_at_10_from("a");
         assert_eq!(
             held.cursor().and_then(|h| h.digest),
             None,
@@ -464,6 +458,20 @@ mod tests {
         assert_eq!(held.cursor(), None);
     }
 
+    /// A poller that applied a full answer of service `s` at revision 10
+    /// of epoch `e`, from `observer`.
+    fn holding_s_at_10_from(observer: &str) -> PollerTables {
+        let mut held = PollerTables::default();
+        held.apply(from(
+            "e",
+            observer,
+            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
+        ))
+        .expect("fits")
+        .expect("newer");
+        held
+    }
+
     /// `changes` as answered by `observer` of `epoch`.
     fn from(epoch: &str, observer: &str, mut changes: Changes) -> Changes {
         changes.epoch = epoch.into();
@@ -473,14 +481,7 @@ mod tests {
 
     #[test]
     fn the_revision_never_goes_back_within_an_epoch() {
-        let mut held = PollerTables::default();
-        held.apply(from(
-            "e",
-            "a",
-            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
-        ))
-        .expect("fits")
-        .expect("newer");
+        let mut held = holding_s_at_10_from("a");
         // Another replica behind: ignored, not an error, cursor kept.
         let behind = from("e", "b", changes(9, 0, &[("s", 2)], &[], &[("s", 2)]));
         assert_eq!(held.apply(behind), Ok(None));
@@ -496,13 +497,7 @@ mod tests {
 
     #[test]
     fn answers_of_the_observer_held_apply_only_when_newer() {
-        let mut held = PollerTables::default();
-        held.apply(from(
-            "e",
-            "a",
-            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
-        ))
-        .expect("fits");
+        let mut held = holding_s_at_10_from("a");
         let again = from("e", "a", changes(10, 0, &[("s", 1)], &[], &[("s", 1)]));
         assert_eq!(
             held.apply(again),
@@ -548,13 +543,7 @@ mod tests {
 
     #[test]
     fn a_full_answer_from_another_observer_at_a_lower_revision_is_ignored() {
-        let mut held = PollerTables::default();
-        held.apply(from(
-            "e",
-            "a",
-            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
-        ))
-        .expect("fits");
+        let mut held = holding_s_at_10_from("a");
         let behind = from("e", "b", changes(8, 0, &[("s", 2)], &[], &[("s", 2)]));
         assert_eq!(held.apply(behind), Ok(None));
         assert_eq!(
@@ -565,13 +554,7 @@ mod tests {
 
     #[test]
     fn a_full_answer_from_another_epoch_applies_at_any_revision() {
-        let mut held = PollerTables::default();
-        held.apply(from(
-            "e",
-            "a",
-            changes(10, 0, &[("s", 1)], &[], &[("s", 1)]),
-        ))
-        .expect("fits");
+        let mut held = holding_s_at_10_from("a");
         let other = from("f", "a", changes(3, 0, &[("t", 2)], &[], &[("t", 2)]));
         let update = held.apply(other).expect("fits").expect("applied");
         assert!(update.full);
