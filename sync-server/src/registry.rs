@@ -302,14 +302,7 @@ impl Registry {
     /// endpoint is gone, or its health was that already). A return to
     /// health starts the endpoint's slow start again.
     pub fn set_health(&mut self, service: &str, addr: &str, health: Health, now_ms: u64) -> bool {
-        let served = self.tables.services.get(service).is_some_and(|built| {
-            built
-                .service
-                .endpoints
-                .binary_search_by(|e| e.addr.as_str().cmp(addr))
-                .is_ok()
-        });
-        if !served {
+        if !self.tables.lists(service, addr) {
             return false;
         }
         let seen = self
@@ -490,19 +483,12 @@ impl Registry {
         // keeps them until its commit). Only endpoints with something
         // observed are held: at a million endpoints, one entry each would
         // be another copy of every address.
-        let served = self.tables.services.get(name);
-        let known = |addr: &str| {
-            served.is_some_and(|built| {
-                built
-                    .service
-                    .endpoints
-                    .binary_search_by(|e| e.addr.as_str().cmp(addr))
-                    .is_ok()
-            })
-        };
         let mut by_addr = self.observed.remove(name).unwrap_or_default();
         for endpoint in endpoints.iter_mut() {
-            if !by_addr.contains_key(&endpoint.addr) && self.primed && !known(&endpoint.addr) {
+            if !by_addr.contains_key(&endpoint.addr)
+                && self.primed
+                && !self.tables.lists(name, &endpoint.addr)
+            {
                 self.stamps
                     .push_back((now_ms, name.to_owned(), endpoint.addr.clone()));
                 by_addr.insert(

@@ -67,6 +67,18 @@ impl Tables {
         tables
     }
 
+    /// Whether `service` as served lists `addr` (endpoints are sorted by
+    /// address).
+    pub fn lists(&self, service: &str, addr: &str) -> bool {
+        self.services.get(service).is_some_and(|built| {
+            built
+                .service
+                .endpoints
+                .binary_search_by(|e| e.addr.as_str().cmp(addr))
+                .is_ok()
+        })
+    }
+
     /// Puts (or with `None` removes) a service; false if nothing changed.
     pub(crate) fn set_service(&mut self, name: &str, service: Option<Service>) -> bool {
         let held = self.services.get(name);
